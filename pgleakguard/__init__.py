@@ -1,0 +1,50 @@
+"""pgleakguard: find PostgreSQL connection leaks and name the line of code that caused them.
+
+    import pgleakguard
+    pgleakguard.install(service="billing")
+"""
+
+from __future__ import annotations
+
+from ._runtime import check, install, open_checkouts, stats, uninstall
+from .callsite import CallSite
+from .config import Config
+from .events import (
+    GARBAGE_COLLECTED,
+    HELD_TOO_LONG,
+    IDLE_IN_TRANSACTION,
+    LEAK_KINDS,
+    NEVER_CLOSED,
+    OWNER_EXITED,
+    SCOPE_ENDED,
+    CheckoutInfo,
+    Event,
+    LeakEvent,
+    ReturnedEvent,
+)
+from .integrations import DidNotEnable
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GARBAGE_COLLECTED",
+    "HELD_TOO_LONG",
+    "IDLE_IN_TRANSACTION",
+    "LEAK_KINDS",
+    "NEVER_CLOSED",
+    "OWNER_EXITED",
+    "SCOPE_ENDED",
+    "CallSite",
+    "CheckoutInfo",
+    "Config",
+    "DidNotEnable",
+    "Event",
+    "LeakEvent",
+    "ReturnedEvent",
+    "__version__",
+    "check",
+    "install",
+    "open_checkouts",
+    "stats",
+    "uninstall",
+]

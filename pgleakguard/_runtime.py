@@ -1,0 +1,133 @@
+"""Process-wide state: install(), uninstall(), and what survives fork and exit."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+from typing import Any, Optional
+
+from . import _safety, callsite
+from .config import Config
+from .events import NEVER_CLOSED, SUSPECTED_KINDS, CheckoutInfo
+from .integrations import Integration, enable
+from .sinks import Dispatcher, sinks_for
+from .tracker import Tracker
+from .watchdog import Watchdog
+
+logger = logging.getLogger("pgleakguard")
+
+
+class Installed:
+    """What one install() set up."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.dispatcher = Dispatcher(sinks_for(config))
+        self.tracker = Tracker(config, self.dispatcher)
+        self.watchdog = Watchdog(self.tracker)
+        self.tracker._on_begin = self.watchdog.ensure_started
+        self.integrations: list[Integration] = []
+
+
+_lock = threading.RLock()
+_state: Optional[Installed] = None
+
+
+def current() -> Optional[Installed]:
+    """The active installation, if any."""
+    return _state
+
+
+def install(**options: Any) -> Config:
+    """Start finding connection leaks in this process.
+
+    Options (all optional; each can also come from ``PGLEAKGUARD_<OPTION>``): service,
+    leak_threshold, idle_in_transaction_threshold, capture_stack, stack_depth, on_leak,
+    integrations, log_level, ignore_modules, tag_application_name, jsonl_path.
+    Calling it again with the same options does nothing; with other options it re-installs.
+    """
+    global _state
+    config = Config.load(**options)
+    with _lock:
+        if _state is not None:
+            if _state.config == config:
+                return config
+            _uninstall_locked()
+        state = Installed(config)
+        callsite.set_ignored_modules(config.ignore_modules)
+        state.integrations = enable(config.integrations, state.tracker)
+        _state = state
+    logger.debug(
+        "pgleakguard installed: %s", ", ".join(i.identifier for i in state.integrations) or "-"
+    )
+    return config
+
+
+def uninstall() -> None:
+    """Remove every hook and stop the watchdog. Open checkouts are forgotten."""
+    with _lock:
+        _uninstall_locked()
+
+
+def _uninstall_locked() -> None:
+    global _state
+    state, _state = _state, None
+    if state is None:
+        return
+    for integration in reversed(state.integrations):
+        with _safety.guard():
+            integration.teardown()
+    state.watchdog.stop()
+    state.tracker.flush()
+
+
+def open_checkouts() -> list[CheckoutInfo]:
+    """What application code holds right now, oldest first (empty when not installed)."""
+    state = _state
+    return state.tracker.open_checkouts() if state is not None else []
+
+
+def check() -> None:
+    """Run one watchdog scan now and deliver every pending event (tests, shutdown hooks)."""
+    state = _state
+    if state is not None:
+        state.watchdog.scan()
+        state.tracker.flush()
+
+
+def stats() -> dict[str, Any]:
+    """Counters: internal errors swallowed, open checkouts, leaks reported by kind."""
+    state = _state
+    return {
+        "installed": state is not None,
+        "internal_errors": _safety.internal_error_count(),
+        "open_checkouts": len(state.tracker.registry) if state is not None else 0,
+        "leaks": dict(state.tracker.leak_counts) if state is not None else {},
+        "watchdog_scans": state.watchdog.scans if state is not None else 0,
+    }
+
+
+def _after_fork_in_child() -> None:
+    state = _state
+    if state is not None:
+        state.tracker.reset_after_fork()
+        state.watchdog.reset_after_fork()
+
+
+def _at_exit() -> None:
+    state = _state
+    if state is None:
+        return
+    with _safety.guard():
+        state.watchdog.stop()
+        for rec in state.tracker.registry.snapshot():
+            if not rec.closed and all(kind in SUSPECTED_KINDS for kind in rec.reported):
+                state.tracker.report(rec, NEVER_CLOSED)
+        state.tracker.flush()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_at_exit)

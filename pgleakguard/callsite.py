@@ -1,0 +1,132 @@
+"""Call-site and acquisition-stack capture.
+
+The hot path keeps frames as ``(code, lineno)`` tuples: no strings, no frame objects (which
+would keep locals, and so connections, alive). Rendering happens only for reports.
+"""
+
+from __future__ import annotations
+
+import linecache
+import os
+import sys
+from dataclasses import dataclass
+from types import CodeType, FrameType
+from typing import Optional, Union
+
+Frame = tuple[CodeType, int]
+Stack = tuple[Frame, ...]
+
+#: Modules whose frames are never the call-site: ours and the libraries we hook.
+LIBRARY_MODULES: tuple[str, ...] = (
+    "pgleakguard",
+    "psycopg",
+    "psycopg_pool",
+    "sqlalchemy",
+    "django.db",
+    "asyncio",
+    "contextlib",
+    "threading",
+)
+
+_prefixes: tuple[str, ...] = LIBRARY_MODULES
+# code object -> "is a library frame"; code objects are few and long-lived.
+_library_code: dict[CodeType, bool] = {}
+_CACHE_LIMIT = 50_000
+
+
+def set_ignored_modules(extra: tuple[str, ...]) -> None:
+    """Extend the library filter with the user's own module prefixes."""
+    global _prefixes
+    _prefixes = LIBRARY_MODULES + tuple(extra)
+    _library_code.clear()
+
+
+def _is_library(frame: FrameType) -> bool:
+    code = frame.f_code
+    known = _library_code.get(code)
+    if known is not None:
+        return known
+    module = frame.f_globals.get("__name__")
+    name = module if isinstance(module, str) else ""
+    result = any(name == p or name.startswith(p + ".") for p in _prefixes)
+    if len(_library_code) >= _CACHE_LIMIT:
+        _library_code.clear()
+    _library_code[code] = result
+    return result
+
+
+def capture(depth: int, skip: int = 1) -> Stack:
+    """Frames from the call-site outwards (most recent first), at most ``depth`` of them.
+
+    The call-site is the first frame, walking out from the caller, whose module is not in
+    the library filter.
+    """
+    frame: Optional[FrameType] = sys._getframe(skip + 1)
+    is_library = _is_library
+    while frame is not None and is_library(frame):
+        frame = frame.f_back
+    out: list[Frame] = []
+    append = out.append
+    while frame is not None and depth:
+        append((frame.f_code, frame.f_lineno))
+        frame = frame.f_back
+        depth -= 1
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class CallSite:
+    """Where application code took a connection: ``file:line in function``."""
+
+    file: str
+    line: int
+    function: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line} in {self.function}"
+
+    @property
+    def short(self) -> str:
+        """``basename:line``, the form used in tags."""
+        return f"{os.path.basename(self.file)}:{self.line}"
+
+
+UNKNOWN = CallSite("<unknown>", 0, "<unknown>")
+
+
+def callsite_of(stack: Stack) -> CallSite:
+    """The call-site (first frame) of a captured stack."""
+    if not stack:
+        return UNKNOWN
+    code, line = stack[0]
+    return CallSite(code.co_filename, line, code.co_name)
+
+
+def frames_of(stack: Union[Stack, list[Frame]]) -> list[dict[str, object]]:
+    """Render a stack as JSON-ready frames, most recent first."""
+    out: list[dict[str, object]] = []
+    for code, line in stack:
+        source = linecache.getline(code.co_filename, line).strip()
+        out.append(
+            {"file": code.co_filename, "line": line, "function": code.co_name, "code": source}
+        )
+    return out
+
+
+def frames_from_live(frame: Optional[FrameType], depth: int) -> list[Frame]:
+    """``(code, lineno)`` pairs of a live frame chain (a holder's current stack)."""
+    out: list[Frame] = []
+    while frame is not None and len(out) < depth:
+        out.append((frame.f_code, frame.f_lineno))
+        frame = frame.f_back
+    return out
+
+
+def render_frames(frames: list[dict[str, object]], indent: str = "    ") -> str:
+    """Traceback-style text, outermost call first, like Python's own tracebacks."""
+    lines = []
+    for f in reversed(frames):
+        lines.append(f'{indent}File "{f["file"]}", line {f["line"]}, in {f["function"]}')
+        if f["code"]:
+            lines.append(f"{indent}  {f['code']}")
+    return "\n".join(lines)

@@ -1,0 +1,143 @@
+"""Configuration: keyword arguments beat ``PGLEAKGUARD_*`` environment variables beat defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any, Callable, Optional
+
+from .events import Event
+
+#: Integration names accepted by ``integrations=``.
+KNOWN_INTEGRATIONS = ("psycopg", "psycopg_pool", "sqlalchemy", "django")
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything :func:`pgleakguard.install` can be told. Build it with :meth:`Config.load`."""
+
+    #: Service name put in each connection's application_name and in every report.
+    service: Optional[str] = None
+    #: Seconds a checkout may be held before it is reported as ``held_too_long``.
+    leak_threshold: float = 30.0
+    #: Seconds a transaction may sit idle before it is reported as ``idle_in_transaction``.
+    idle_in_transaction_threshold: float = 10.0
+    #: Capture the whole acquisition stack (else only the call-site frame).
+    capture_stack: bool = True
+    #: Frames kept per acquisition stack, starting at the call-site.
+    stack_depth: int = 20
+    #: Called with every event (LeakEvent or ReturnedEvent), from the watchdog thread.
+    on_leak: Optional[Callable[[Event], None]] = None
+    #: "auto", or the integrations to enable by name.
+    integrations: tuple[str, ...] = ("auto",)
+    #: Level at which the logging sink writes leak reports.
+    log_level: str = "WARNING"
+    #: Extra module prefixes skipped when looking for the call-site (e.g. your DB helper package).
+    ignore_modules: tuple[str, ...] = ()
+    #: Tag each new connection's application_name with service and pid.
+    tag_application_name: bool = True
+    #: Append every event as one JSON object per line to this file.
+    jsonl_path: Optional[str] = None
+
+    @classmethod
+    def load(
+        cls, environ: Mapping[str, str] | None = None, **kwargs: Any
+    ) -> Config:
+        """Merge ``kwargs`` over ``PGLEAKGUARD_<OPTION>`` variables over the defaults.
+
+        Raises ``TypeError`` for an unknown option and ``ValueError`` naming the option,
+        the value and what is accepted for a bad one.
+        """
+        env = os.environ if environ is None else environ
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - set(fields))
+        if unknown:
+            raise TypeError(
+                f"pgleakguard: unknown option(s) {', '.join(unknown)}; "
+                f"known options: {', '.join(fields)}"
+            )
+        values: dict[str, Any] = {}
+        for name in fields:
+            if name in kwargs:
+                values[name] = _convert(name, kwargs[name], from_env=None)
+                continue
+            var = "PGLEAKGUARD_" + name.upper()
+            if name != "on_leak" and env.get(var, "") != "":
+                values[name] = _convert(name, env[var], from_env=var)
+        return cls(**values)
+
+
+def _bad(name: str, value: Any, accepted: str, from_env: str | None) -> ValueError:
+    where = f" (from ${from_env})" if from_env else ""
+    return ValueError(f"pgleakguard: invalid {name}={value!r}{where}: expected {accepted}")
+
+
+def _convert(name: str, value: Any, from_env: str | None) -> Any:
+    if name in ("leak_threshold", "idle_in_transaction_threshold"):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = -1.0
+        if isinstance(value, bool) or not number > 0 or number != number or number == float("inf"):
+            raise _bad(name, value, "a positive number of seconds, e.g. 30 or 0.5", from_env)
+        return number
+    if name == "stack_depth":
+        try:
+            depth = int(value)
+        except (TypeError, ValueError):
+            depth = 0
+        if isinstance(value, (bool, float)) or not 1 <= depth <= 1000:
+            raise _bad(name, value, "a whole number of frames from 1 to 1000", from_env)
+        return depth
+    if name in ("capture_stack", "tag_application_name"):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise _bad(name, value, "true or false (1/0, yes/no, on/off)", from_env)
+    if name == "log_level":
+        level = str(value).upper() if isinstance(value, str) else value
+        if isinstance(level, int) and not isinstance(level, bool):
+            return logging.getLevelName(level)
+        if level not in _LOG_LEVELS:
+            raise _bad(name, value, "one of " + ", ".join(_LOG_LEVELS), from_env)
+        return level
+    if name == "integrations":
+        names = _names(value)
+        if names is None:
+            raise _bad(name, value, '"auto" or a list of names', from_env)
+        if names == ("auto",):
+            return names
+        bad = [n for n in names if n not in KNOWN_INTEGRATIONS]
+        if bad or not names:
+            raise _bad(
+                name, value, '"auto" or names from ' + ", ".join(KNOWN_INTEGRATIONS), from_env
+            )
+        return names
+    if name == "ignore_modules":
+        names = _names(value)
+        if names is None:
+            raise _bad(name, value, "module names, e.g. myapp.db", from_env)
+        return names
+    if name == "on_leak":
+        if value is not None and not callable(value):
+            raise _bad(name, value, "a callable taking one event, or None", from_env)
+        return value
+    # service, jsonl_path: strings
+    if value is not None and not isinstance(value, str):
+        raise _bad(name, value, "a string", from_env)
+    return value or None
+
+
+def _names(value: Any) -> tuple[str, ...] | None:
+    if isinstance(value, str):
+        return tuple(p.strip() for p in value.split(",") if p.strip())
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    return None

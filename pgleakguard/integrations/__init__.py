@@ -1,0 +1,103 @@
+"""Integrations: small classes that connect a library's hooks to the core tracker.
+
+Each integration module imports its library at the top and raises :class:`DidNotEnable`
+when it is missing. Auto-detection skips those quietly; an integration the user named
+re-raises it. Every patch goes through :class:`Patcher`, so uninstall restores exactly
+what was replaced.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any, ClassVar
+
+from ..tracker import Tracker
+
+logger = logging.getLogger("pgleakguard")
+
+#: identifier -> (module, class), in the order auto-detection enables them.
+AVAILABLE: dict[str, tuple[str, str]] = {
+    "psycopg": ("pgleakguard.integrations.psycopg", "PsycopgIntegration"),
+    "psycopg_pool": ("pgleakguard.integrations.psycopg_pool", "PsycopgPoolIntegration"),
+}
+#: Integrations that need another one enabled to see everything.
+REQUIRES: dict[str, tuple[str, ...]] = {"psycopg_pool": ("psycopg",)}
+
+_MISSING = object()
+
+
+class DidNotEnable(Exception):
+    """The integration cannot be enabled (its library is missing or too old)."""
+
+    __module__ = "pgleakguard"
+
+
+class Patcher:
+    """Replaces class or module attributes and puts back exactly what was there."""
+
+    def __init__(self) -> None:
+        self._saved: list[tuple[Any, str, Any]] = []
+
+    def patch(self, owner: Any, name: str, replacement: Any) -> Any:
+        """Set ``owner.name = replacement``; return the attribute it replaces (as looked up)."""
+        original = getattr(owner, name)
+        self._saved.append((owner, name, vars(owner).get(name, _MISSING)))
+        setattr(owner, name, replacement)
+        return original
+
+    def restore(self) -> None:
+        """Undo every patch, newest first."""
+        while self._saved:
+            owner, name, value = self._saved.pop()
+            if value is _MISSING:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, value)
+
+
+class Integration:
+    """Base class: ``setup()`` hooks the library, ``teardown()`` unhooks it."""
+
+    identifier: ClassVar[str]
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker = tracker
+        self.patcher = Patcher()
+
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    def teardown(self) -> None:
+        self.patcher.restore()
+
+
+def enable(names: tuple[str, ...], tracker: Tracker) -> list[Integration]:
+    """Enable ``names`` (or every available library for ``("auto",)``)."""
+    auto = names == ("auto",)
+    wanted: list[str] = []
+    for name in AVAILABLE if auto else names:
+        for dep in (*REQUIRES.get(name, ()), name):
+            if dep not in wanted:
+                wanted.append(dep)
+    enabled: list[Integration] = []
+    try:
+        for name in wanted:
+            if name not in AVAILABLE:
+                raise DidNotEnable(f"pgleakguard: the {name!r} integration is not available yet")
+            module_name, class_name = AVAILABLE[name]
+            try:
+                cls = getattr(importlib.import_module(module_name), class_name)
+            except DidNotEnable:
+                if auto:
+                    logger.debug("pgleakguard: %s not installed, skipping", name)
+                    continue
+                raise
+            integration: Integration = cls(tracker)
+            integration.setup()
+            enabled.append(integration)
+    except BaseException:
+        for integration in reversed(enabled):
+            integration.teardown()
+        raise
+    return enabled

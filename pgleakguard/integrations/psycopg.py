@@ -1,0 +1,149 @@
+"""psycopg 3: tag application_name at connect, track raw connections from open to close,
+and follow each connection's transaction status after every operation."""
+
+from __future__ import annotations
+
+import os
+import sys
+from time import monotonic
+from types import FrameType
+from typing import Any, Optional
+
+from .._safety import record_internal_error, safe_call
+from .. import tagging
+from ..tracker import CHECKOUT_ATTR
+from . import DidNotEnable, Integration
+
+try:
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+except ImportError as exc:  # pragma: no cover - exercised only without psycopg
+    raise DidNotEnable("psycopg (version 3) is not installed") from exc
+
+#: Per physical connection: (connection id, backend pid, application_name), set at connect.
+META_ATTR = "_pgleakguard_meta"
+
+
+def connection_meta(conn: Any) -> tuple[int, Optional[int], Optional[str]]:
+    """Connection id, backend pid and application_name of a psycopg connection (no I/O)."""
+    meta: Optional[tuple[int, Optional[int], Optional[str]]] = conn.__dict__.get(META_ATTR)
+    if meta is None:
+        pgconn = conn.pgconn
+        name = pgconn.parameter_status(b"application_name")
+        meta = (id(conn), pgconn.backend_pid or None, name.decode() if name else None)
+        conn.__dict__[META_ATTR] = meta
+    return meta
+
+
+class PsycopgIntegration(Integration):
+    """Hooks ``psycopg.Connection`` and ``psycopg.AsyncConnection``."""
+
+    identifier = "psycopg"
+
+    def setup(self) -> None:
+        for cls in (psycopg.Connection, psycopg.AsyncConnection):
+            self._hook_class(cls)
+        # psycopg.connect is bound to Connection.connect at import time: rebind it.
+        self.patcher.patch(psycopg, "connect", psycopg.Connection.connect)
+
+    def _hook_class(self, cls: Any) -> None:
+        integration = self
+        orig_connect = vars(cls)["connect"].__func__
+        orig_wait = cls.wait
+        orig_close = cls.close
+        is_async = cls is psycopg.AsyncConnection
+
+        if is_async:
+
+            async def connect(cls: Any, conninfo: str = "", **kwargs: Any) -> Any:
+                kwargs = safe_call(integration.connect_kwargs, conninfo, kwargs, default=kwargs)
+                conn = await orig_connect(cls, conninfo, **kwargs)
+                safe_call(integration.connected, conn, sys._getframe(1), default=None)
+                return conn
+
+            async def wait(self: Any, gen: Any, *args: Any, **kwargs: Any) -> Any:
+                try:
+                    return await orig_wait(self, gen, *args, **kwargs)
+                finally:
+                    _touch(self)
+
+            async def close(self: Any) -> None:
+                _closing(integration, self)
+                await orig_close(self)
+
+        else:
+
+            def connect(cls: Any, conninfo: str = "", **kwargs: Any) -> Any:  # type: ignore[misc]
+                kwargs = safe_call(integration.connect_kwargs, conninfo, kwargs, default=kwargs)
+                conn = orig_connect(cls, conninfo, **kwargs)
+                safe_call(integration.connected, conn, sys._getframe(1), default=None)
+                return conn
+
+            def wait(self: Any, gen: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+                try:
+                    return orig_wait(self, gen, *args, **kwargs)
+                finally:
+                    _touch(self)
+
+            def close(self: Any) -> None:  # type: ignore[misc]
+                _closing(integration, self)
+                orig_close(self)
+
+        for func, original in ((connect, orig_connect), (wait, orig_wait), (close, orig_close)):
+            func.__wrapped__ = original  # type: ignore[attr-defined]
+            func.__doc__ = original.__doc__
+            func.__qualname__ = original.__qualname__
+        self.patcher.patch(cls, "connect", classmethod(connect))
+        self.patcher.patch(cls, "wait", wait)
+        self.patcher.patch(cls, "close", close)
+
+    # -- the glue -------------------------------------------------------------------------
+
+    def connect_kwargs(self, conninfo: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Connection keywords with pgleakguard's application_name tag added."""
+        config = self.tracker.config
+        if not config.tag_application_name:
+            return kwargs
+        user = (
+            kwargs.get("application_name")
+            or conninfo_to_dict(conninfo).get("application_name")
+            or os.environ.get("PGAPPNAME")
+        )
+        if user:
+            tag = tagging.parse(str(user))
+            service = tag.service if tag is not None else str(user)
+        else:
+            service = config.service or tagging.default_service()
+        new = dict(kwargs)
+        new["application_name"] = tagging.build(service, os.getpid())
+        return new
+
+    def connected(self, conn: Any, caller: FrameType) -> None:
+        """A physical connection was opened: track it unless a pool owns it."""
+        _, pid, name = connection_meta(conn)
+        module = caller.f_globals.get("__name__", "")
+        if isinstance(module, str) and module.startswith("psycopg_pool"):
+            return  # pool connections are tracked per checkout by the psycopg_pool integration
+        rec = self.tracker.begin(conn, "psycopg", backend_pid=pid, application_name=name, skip=2)
+        conn.__dict__[CHECKOUT_ATTR] = rec
+
+
+def _touch(conn: Any) -> None:
+    # After every operation, in the user's own thread: the only safe place to read pgconn.
+    try:
+        rec = conn.__dict__.get(CHECKOUT_ATTR)
+        if rec is not None:
+            rec.last_activity = monotonic()
+            rec.tx_status = conn.pgconn.transaction_status
+    except Exception as exc:
+        record_internal_error(exc)
+
+
+def _closing(integration: PsycopgIntegration, conn: Any) -> None:
+    try:
+        rec = conn.__dict__.get(CHECKOUT_ATTR)
+        if rec is not None and rec.integration == "psycopg":
+            del conn.__dict__[CHECKOUT_ATTR]
+            integration.tracker.end(rec)
+    except Exception as exc:
+        record_internal_error(exc)

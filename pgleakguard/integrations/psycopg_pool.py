@@ -1,0 +1,116 @@
+"""psycopg_pool: each getconn/putconn (and ``with pool.connection()``) is a checkout;
+a PoolTimeout names the call-sites holding the pool's connections."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._safety import record_internal_error
+from ..tracker import CHECKOUT_ATTR, describe_holders
+from . import DidNotEnable, Integration
+
+try:
+    import psycopg_pool
+    from psycopg_pool import PoolTimeout
+except ImportError as exc:  # pragma: no cover - exercised only without psycopg_pool
+    raise DidNotEnable("psycopg_pool is not installed") from exc
+
+from .psycopg import connection_meta
+
+INTEGRATION = "psycopg_pool"
+
+
+class PsycopgPoolIntegration(Integration):
+    """Hooks ``ConnectionPool`` and ``AsyncConnectionPool`` (and the null pools, which inherit)."""
+
+    identifier = INTEGRATION
+
+    def setup(self) -> None:
+        self._hook_sync(psycopg_pool.ConnectionPool)
+        self._hook_async(psycopg_pool.AsyncConnectionPool)
+
+    def _hook_sync(self, cls: Any) -> None:
+        integration = self
+        orig_getconn = cls.getconn
+        orig_putconn = cls.putconn
+
+        def getconn(self: Any, timeout: float | None = None) -> Any:
+            try:
+                conn = orig_getconn(self, timeout)
+            except PoolTimeout as exc:
+                integration.explain_timeout(exc, self)
+                raise
+            integration.checked_out(conn, self)
+            return conn
+
+        def putconn(self: Any, conn: Any) -> None:
+            integration.checked_in(conn)
+            orig_putconn(self, conn)
+
+        self._install(cls, getconn, orig_getconn, putconn, orig_putconn)
+
+    def _hook_async(self, cls: Any) -> None:
+        integration = self
+        orig_getconn = cls.getconn
+        orig_putconn = cls.putconn
+
+        async def getconn(self: Any, timeout: float | None = None) -> Any:
+            try:
+                conn = await orig_getconn(self, timeout)
+            except PoolTimeout as exc:
+                integration.explain_timeout(exc, self)
+                raise
+            integration.checked_out(conn, self)
+            return conn
+
+        async def putconn(self: Any, conn: Any) -> None:
+            integration.checked_in(conn)
+            await orig_putconn(self, conn)
+
+        self._install(cls, getconn, orig_getconn, putconn, orig_putconn)
+
+    def _install(self, cls: Any, getconn: Any, orig_get: Any, putconn: Any, orig_put: Any) -> None:
+        for func, original in ((getconn, orig_get), (putconn, orig_put)):
+            func.__wrapped__ = original
+            func.__doc__ = original.__doc__
+            func.__qualname__ = original.__qualname__
+        self.patcher.patch(cls, "getconn", getconn)
+        self.patcher.patch(cls, "putconn", putconn)
+
+    # -- the glue -------------------------------------------------------------------------
+
+    def checked_out(self, conn: Any, pool: Any) -> None:
+        try:
+            conn_id, pid, name = connection_meta(conn)
+            conn.__dict__[CHECKOUT_ATTR] = self.tracker.begin(
+                conn,
+                INTEGRATION,
+                pool=pool.name,
+                backend_pid=pid,
+                application_name=name,
+                connection_id=conn_id,
+                skip=2,
+            )
+        except Exception as exc:
+            record_internal_error(exc)
+
+    def checked_in(self, conn: Any) -> None:
+        try:
+            rec = conn.__dict__.pop(CHECKOUT_ATTR, None)
+            if rec is not None:
+                self.tracker.end(rec)
+        except Exception as exc:
+            record_internal_error(exc)
+
+    def explain_timeout(self, exc: BaseException, pool: Any) -> None:
+        """Append the holders of ``pool`` to the PoolTimeout's own message, in place."""
+        try:
+            holders = [
+                r
+                for r in self.tracker.registry.snapshot()
+                if r.integration == INTEGRATION and r.pool == pool.name and not r.closed
+            ]
+            text = str(exc.args[0]) if exc.args else ""
+            exc.args = (f"{text}\n{describe_holders(holders, pool.name)}", *exc.args[1:])
+        except Exception as err:
+            record_internal_error(err)

@@ -1,0 +1,92 @@
+"""application_name tags: ``service/pid:1234`` or ``service/pid:1234/orders.py:42``.
+
+Built from ``[A-Za-z0-9._:/@-]`` only and never longer than PostgreSQL's 63 bytes, so the
+server keeps them intact; :func:`parse` reads them back from pg_stat_activity.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+MAX_BYTES = 63
+_SERVICE_BAD = re.compile(r"[^A-Za-z0-9._@-]+")
+_FILE_BAD = re.compile(r"[^A-Za-z0-9._-]+")
+_TAG = re.compile(
+    r"^(?P<service>[A-Za-z0-9._@-]*)/pid:(?P<pid>[0-9]+)"
+    r"(?:/(?P<file>[A-Za-z0-9._-]+):(?P<line>[0-9]+))?$"
+)
+
+
+@dataclass(frozen=True)
+class Tag:
+    """What a pgleakguard application_name says about the session's owner."""
+
+    service: str
+    pid: int
+    file: Optional[str] = None
+    line: Optional[int] = None
+
+    @property
+    def callsite(self) -> Optional[str]:
+        """``file:line`` when the tag carries a call-site."""
+        return f"{self.file}:{self.line}" if self.file and self.line is not None else None
+
+
+def clean_service(name: str) -> str:
+    """``name`` reduced to the characters a tag's service part may hold."""
+    return _SERVICE_BAD.sub("-", name).strip("-") or "python"
+
+
+def default_service() -> str:
+    """The program's name (``sys.argv[0]`` without directory and extension)."""
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else "python"
+    base = os.path.basename(argv0.rstrip("/"))
+    if base in ("__main__.py", "-c", "-m", ""):
+        base = "python"
+    return clean_service(os.path.splitext(base)[0])
+
+
+def build(
+    service: str, pid: int, file: Optional[str] = None, line: Optional[int] = None
+) -> str:
+    """The application_name for ``service`` in process ``pid``, optionally with a call-site.
+
+    The pid is always kept; the call-site is dropped before the service is cut to fit.
+    """
+    svc = clean_service(service)
+    rest = f"/pid:{int(pid)}"
+    site = ""
+    if file and line is not None:
+        base = _FILE_BAD.sub("-", os.path.basename(file)) or "-"
+        site = f"/{base}:{int(line)}"
+    if len(svc) + len(rest) + len(site) > MAX_BYTES:
+        # Keep at least 8 characters of service, then shorten the file name from the left.
+        room = MAX_BYTES - len(rest) - min(len(svc), 8)
+        if site and room >= len(f"/x:{line}"):
+            keep = room - len(f"/:{line}")
+            base = site[1:].rsplit(":", 1)[0][-keep:]
+            site = f"/{base}:{int(line)}"
+        else:
+            site = ""
+        svc = svc[: MAX_BYTES - len(rest) - len(site)]
+    return svc + rest + site
+
+
+def parse(application_name: Optional[str]) -> Optional[Tag]:
+    """Read a tag built by :func:`build`; ``None`` for any other application_name."""
+    if not application_name:
+        return None
+    m = _TAG.match(application_name)
+    if m is None:
+        return None
+    line = m.group("line")
+    return Tag(
+        service=m.group("service"),
+        pid=int(m.group("pid")),
+        file=m.group("file"),
+        line=int(line) if line is not None else None,
+    )

@@ -1,0 +1,362 @@
+"""Checkouts, the registry of open ones, and the tracker that integrations call.
+
+Integrations call :meth:`Tracker.begin` when application code takes a connection and
+:meth:`Tracker.end` when it gives it back. Everything else (owner, stack, age, leaks) is
+derived here, so integration modules stay thin glue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sys
+import threading
+import weakref
+from collections import deque
+from time import monotonic, time
+from typing import Any, Callable, Optional
+
+from . import callsite as _callsite
+from ._safety import guard
+from .callsite import Stack
+from .config import Config
+from .events import (
+    GARBAGE_COLLECTED,
+    CheckoutInfo,
+    Event,
+    LeakEvent,
+    ReturnedEvent,
+    severity_of,
+)
+
+# libpq's PGTransactionStatusType, shared by psycopg and the watchdog.
+TX_IDLE, TX_ACTIVE, TX_INTRANS, TX_INERROR, TX_UNKNOWN = range(5)
+TX_NAMES = ("IDLE", "ACTIVE", "INTRANS", "INERROR", "UNKNOWN")
+
+#: Attribute set on a DBAPI connection while a checkout holds it (the only thing we add).
+CHECKOUT_ATTR = "_pgleakguard_checkout"
+
+_get_running_loop = asyncio.events._get_running_loop
+_current_task = asyncio.current_task
+_current_thread = threading.current_thread
+_main_thread = threading.main_thread()
+
+
+class Checkout:
+    """One period during which application code holds a database connection.
+
+    Holds no strong reference to the connection, its owner or any frame.
+    """
+
+    __slots__ = (
+        "id",
+        "connection_id",
+        "integration",
+        "pool",
+        "backend_pid",
+        "application_name",
+        "service",
+        "stack",
+        "started",
+        "started_wall",
+        "owner",
+        "owner_is_task",
+        "owner_name",
+        "last_activity",
+        "tx_status",
+        "trace_id",
+        "span_id",
+        "reported",
+        "closed",
+        "conn_ref",
+        "details",
+    )
+
+    id: int
+    connection_id: int
+    integration: str
+    pool: Optional[str]
+    backend_pid: Optional[int]
+    application_name: Optional[str]
+    service: Optional[str]
+    stack: Stack
+    started: float
+    started_wall: float
+    owner: Optional[weakref.ref[Any]]
+    owner_is_task: bool
+    owner_name: str
+    last_activity: float
+    tx_status: Optional[int]
+    trace_id: Optional[str]
+    span_id: Optional[str]
+    reported: tuple[str, ...]
+    closed: bool
+    conn_ref: Optional[_ConnRef]
+    details: Optional[dict[str, Any]]
+
+    def owner_object(self) -> Any:
+        """The owning Thread or Task if it still exists."""
+        return self.owner() if self.owner is not None else None
+
+    def owner_alive(self) -> bool:
+        """False once the owning thread has ended or the owning task is done."""
+        owner = self.owner_object()
+        if owner is None:
+            return False
+        if self.owner_is_task:
+            return not owner.done()
+        # The main thread is marked stopped before atexit handlers run: its end is the
+        # process's end, reported as never_closed, not owner_exited.
+        return owner is _main_thread or bool(owner.is_alive())
+
+    def info(self, now: float) -> dict[str, Any]:
+        """The fields of :class:`CheckoutInfo` for this checkout at monotonic time ``now``."""
+        tx = self.tx_status
+        return {
+            "checkout_id": self.id,
+            "integration": self.integration,
+            "pool": self.pool,
+            "backend_pid": self.backend_pid,
+            "application_name": self.application_name,
+            "service": self.service,
+            "callsite": _callsite.callsite_of(self.stack),
+            "age": max(0.0, now - self.started),
+            "idle": max(0.0, now - self.last_activity),
+            "transaction_status": TX_NAMES[tx] if tx is not None and 0 <= tx < 5 else None,
+            "holder": self.owner_name,
+            "holder_kind": "task" if self.owner_is_task else "thread",
+            "holder_alive": self.owner_alive(),
+            "started_at": self.started_wall,
+            "trace_id": self.trace_id,
+            "span_id": self.span_id,
+        }
+
+    def holder_frames(self, depth: int) -> Optional[list[_callsite.Frame]]:
+        """What the holder is running now: a live thread's frames or a pending task's."""
+        owner = self.owner_object()
+        if owner is None:
+            return None
+        if self.owner_is_task:
+            if owner.done():
+                return None
+            frames: list[_callsite.Frame] = []
+            coro: Any = owner.get_coro()
+            while coro is not None and len(frames) < depth:
+                frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+                if frame is None:
+                    break
+                frames.append((frame.f_code, frame.f_lineno))
+                coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+            frames.reverse()  # innermost await first, like a live thread's stack
+            return frames
+        if not owner.is_alive() or owner.ident is None:
+            return None
+        return _callsite.frames_from_live(sys._current_frames().get(owner.ident), depth)
+
+
+class _ConnRef(weakref.ref):  # type: ignore[type-arg]
+    """A weak reference to a connection that knows its checkout, for the GC callback."""
+
+    __slots__ = ("checkout",)
+    checkout: Checkout
+
+
+class Registry:
+    """The open checkouts: O(1) add/remove, thread-safe, no strong refs to user objects."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[int, Checkout] = {}
+
+    def add(self, checkout: Checkout) -> None:
+        with self._lock:
+            self._open[checkout.id] = checkout
+
+    def remove(self, checkout: Checkout) -> bool:
+        """Remove ``checkout``; False if it was not there (already removed)."""
+        with self._lock:
+            return self._open.pop(checkout.id, None) is not None
+
+    def snapshot(self) -> list[Checkout]:
+        with self._lock:
+            return list(self._open.values())
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+
+class Tracker:
+    """The core: turns begin/end calls from integrations into checkouts and events."""
+
+    def __init__(self, config: Config, dispatch: Callable[[Event], None]) -> None:
+        self.config = config
+        self.registry = Registry()
+        self._dispatch = dispatch
+        self._ids = itertools.count(1)
+        # (kind, checkout, details) found outside the watchdog thread, e.g. by a GC callback,
+        # where rendering or logging is unsafe; the watchdog (or flush()) turns them into events.
+        self._pending: deque[tuple[str, Checkout, Optional[dict[str, Any]]]] = deque()
+        self._depth = config.stack_depth if config.capture_stack else 1
+        self._on_begin: Optional[Callable[[], None]] = None
+        #: Leak events delivered so far, by kind.
+        self.leak_counts: dict[str, int] = {}
+
+    # -- hot path -------------------------------------------------------------------------
+
+    def begin(
+        self,
+        conn: Any,
+        integration: str,
+        pool: Optional[str] = None,
+        backend_pid: Optional[int] = None,
+        application_name: Optional[str] = None,
+        connection_id: Optional[int] = None,
+        skip: int = 1,
+    ) -> Checkout:
+        """Start a checkout of ``conn`` by the calling code. ``skip`` frames are ours."""
+        rec = Checkout()
+        rec.id = next(self._ids)
+        rec.stack = _callsite.capture(self._depth, skip + 1)
+        rec.connection_id = id(conn) if connection_id is None else connection_id
+        rec.integration = integration
+        rec.pool = pool
+        rec.backend_pid = backend_pid
+        rec.application_name = application_name
+        rec.service = self.config.service
+        rec.started = rec.last_activity = monotonic()
+        rec.started_wall = time()
+        owner: Any = None
+        if _get_running_loop() is not None:
+            owner = _current_task()
+        if owner is None:
+            owner = _current_thread()
+            rec.owner_is_task = False
+            rec.owner_name = owner.name
+        else:
+            rec.owner_is_task = True
+            rec.owner_name = owner.get_name()
+        rec.owner = weakref.ref(owner)
+        rec.tx_status = None
+        rec.trace_id = rec.span_id = None
+        rec.reported = ()
+        rec.closed = False
+        rec.details = None
+        ref = rec.conn_ref = _ConnRef(conn, self._collected)
+        ref.checkout = rec
+        self.registry.add(rec)
+        if self._on_begin is not None:
+            self._on_begin()
+        return rec
+
+    def end(self, rec: Checkout) -> None:
+        """The checkout is over: the connection was returned or closed."""
+        rec.closed = True
+        rec.conn_ref = None
+        if self.registry.remove(rec) and rec.reported:
+            self._pending.append(("returned", rec, None))
+
+    # -- reporting ------------------------------------------------------------------------
+
+    def _collected(self, ref: _ConnRef) -> None:
+        # Runs inside the garbage collector, in whatever thread: no locks held long, no I/O.
+        with guard():
+            rec = ref.checkout
+            if not rec.closed:
+                rec.closed = True
+                self.registry.remove(rec)
+                self._pending.append((GARBAGE_COLLECTED, rec, None))
+
+    def report(
+        self, rec: Checkout, kind: str, details: Optional[dict[str, Any]] = None
+    ) -> bool:
+        """Queue a leak report for ``rec`` unless ``kind`` was already reported for it."""
+        if kind in rec.reported:
+            return False
+        rec.reported += (kind,)
+        self._pending.append((kind, rec, details))
+        return True
+
+    def flush(self) -> None:
+        """Turn queued findings into events and hand them to the sinks, in order."""
+        while True:
+            try:
+                kind, rec, details = self._pending.popleft()
+            except IndexError:
+                return
+            with guard():
+                if kind == "returned":
+                    event: Event = self._returned_event(rec)
+                else:
+                    if kind not in rec.reported:
+                        rec.reported += (kind,)
+                    event = self.leak_event(rec, kind, details)
+                    self.leak_counts[kind] = self.leak_counts.get(kind, 0) + 1
+                self._dispatch(event)
+
+    def leak_event(
+        self, rec: Checkout, kind: str, details: Optional[dict[str, Any]] = None
+    ) -> LeakEvent:
+        """Build the full report for ``rec`` (renders stacks: not for hot paths)."""
+        depth = self.config.stack_depth
+        holder = rec.holder_frames(depth)
+        return LeakEvent(
+            **rec.info(monotonic()),
+            kind=kind,
+            severity=severity_of(kind),
+            stack=_callsite.frames_of(rec.stack),
+            holder_stack=_callsite.frames_of(holder) if holder else None,
+            details=dict(details or {}),
+            detected_at=time(),
+        )
+
+    def _returned_event(self, rec: Checkout) -> ReturnedEvent:
+        return ReturnedEvent(
+            checkout_id=rec.id,
+            kinds=rec.reported,
+            integration=rec.integration,
+            pool=rec.pool,
+            backend_pid=rec.backend_pid,
+            service=rec.service,
+            callsite=_callsite.callsite_of(rec.stack),
+            held_for=monotonic() - rec.started,
+        )
+
+    def open_checkouts(self) -> list[CheckoutInfo]:
+        """Snapshots of every open checkout, oldest first."""
+        now = monotonic()
+        recs = sorted(self.registry.snapshot(), key=lambda r: r.started)
+        return [CheckoutInfo(**r.info(now)) for r in recs]
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: the parent's checkouts are not ours."""
+        self.registry = Registry()
+        self._pending.clear()
+
+
+def touch(conn: Any, tx_status: int) -> None:
+    """Record activity on ``conn`` (called after each operation, in the user's thread)."""
+    rec: Optional[Checkout] = conn.__dict__.get(CHECKOUT_ATTR)
+    if rec is not None:
+        rec.last_activity = monotonic()
+        rec.tx_status = tx_status
+
+
+def describe_holders(checkouts: list[Checkout], pool: Optional[str] = None) -> str:
+    """The culprit list a pool timeout should have printed: holders grouped by call-site."""
+    now = monotonic()
+    groups: dict[str, list[Checkout]] = {}
+    for rec in checkouts:
+        groups.setdefault(str(_callsite.callsite_of(rec.stack)), []).append(rec)
+    where = f" of pool {pool!r}" if pool else ""
+    if not groups:
+        return f"pgleakguard: no connection{where} is checked out by tracked code"
+    lines = [
+        f"pgleakguard: {len(checkouts)} connection(s){where} checked out, by call-site:",
+    ]
+    ranked = sorted(groups.items(), key=lambda kv: (-len(kv[1]), min(r.started for r in kv[1])))
+    for site, recs in ranked:
+        oldest = now - min(r.started for r in recs)
+        holders = sorted({r.owner_name for r in recs})
+        shown = ", ".join(holders[:3]) + (f" and {len(holders) - 3} more" if len(holders) > 3 else "")
+        lines.append(f"  {len(recs)} x {site} (oldest {oldest:.1f}s; held by {shown})")
+    return "\n".join(lines)

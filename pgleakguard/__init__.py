@@ -1,7 +1,7 @@
 """pgleakguard: find PostgreSQL connection leaks and name the line of code that caused them.
 
-    import pgleakguard
-    pgleakguard.install(service="billing")
+import pgleakguard
+pgleakguard.install(service="billing")
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import atexit
 import logging
 import os
 import threading
-from typing import Any, Optional
+from typing import Any
 
 from . import _safety, callsite
 from .config import Config
@@ -32,10 +32,10 @@ class Installed:
 
 
 _lock = threading.RLock()
-_state: Optional[Installed] = None
+_state: Installed | None = None
 
 
-def current() -> Optional[Installed]:
+def current() -> Installed | None:
     """The active installation, if any."""
     return _state
 

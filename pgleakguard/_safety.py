@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, Callable, TypeVar
 
 logger = logging.getLogger("pgleakguard")
@@ -47,14 +47,13 @@ def record_internal_error(exc: BaseException) -> None:
         if first:
             _logged.add(where)
     if first:
-        try:
+        # A broken logging setup must not break the caller either.
+        with suppress(Exception):
             logger.error(
                 "pgleakguard internal error (your code was not affected; "
                 "further errors from this place are only counted)",
                 exc_info=exc,
             )
-        except Exception:  # noqa: S110 - a broken logging setup must not break the caller
-            pass
 
 
 @contextmanager

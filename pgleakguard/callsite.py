@@ -11,7 +11,6 @@ import os
 import sys
 from dataclasses import dataclass
 from types import CodeType, FrameType
-from typing import Optional, Union
 
 Frame = tuple[CodeType, int]
 Stack = tuple[Frame, ...]
@@ -61,7 +60,7 @@ def capture(depth: int, skip: int = 1) -> Stack:
     The call-site is the first frame, walking out from the caller, whose module is not in
     the library filter.
     """
-    frame: Optional[FrameType] = sys._getframe(skip + 1)
+    frame: FrameType | None = sys._getframe(skip + 1)
     is_library = _is_library
     while frame is not None and is_library(frame):
         frame = frame.f_back
@@ -102,7 +101,7 @@ def callsite_of(stack: Stack) -> CallSite:
     return CallSite(code.co_filename, line, code.co_name)
 
 
-def frames_of(stack: Union[Stack, list[Frame]]) -> list[dict[str, object]]:
+def frames_of(stack: Stack | list[Frame]) -> list[dict[str, object]]:
     """Render a stack as JSON-ready frames, most recent first."""
     out: list[dict[str, object]] = []
     for code, line in stack:
@@ -113,7 +112,7 @@ def frames_of(stack: Union[Stack, list[Frame]]) -> list[dict[str, object]]:
     return out
 
 
-def frames_from_live(frame: Optional[FrameType], depth: int) -> list[Frame]:
+def frames_from_live(frame: FrameType | None, depth: int) -> list[Frame]:
     """``(code, lineno)`` pairs of a live frame chain (a holder's current stack)."""
     out: list[Frame] = []
     while frame is not None and len(out) < depth:

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from .events import Event
 
@@ -23,7 +23,7 @@ class Config:
     """Everything :func:`pgleakguard.install` can be told. Build it with :meth:`Config.load`."""
 
     #: Service name put in each connection's application_name and in every report.
-    service: Optional[str] = None
+    service: str | None = None
     #: Seconds a checkout may be held before it is reported as ``held_too_long``.
     leak_threshold: float = 30.0
     #: Seconds a transaction may sit idle before it is reported as ``idle_in_transaction``.
@@ -33,7 +33,7 @@ class Config:
     #: Frames kept per acquisition stack, starting at the call-site.
     stack_depth: int = 20
     #: Called with every event (LeakEvent or ReturnedEvent), from the watchdog thread.
-    on_leak: Optional[Callable[[Event], None]] = None
+    on_leak: Callable[[Event], None] | None = None
     #: "auto", or the integrations to enable by name.
     integrations: tuple[str, ...] = ("auto",)
     #: Level at which the logging sink writes leak reports.
@@ -43,12 +43,10 @@ class Config:
     #: Tag each new connection's application_name with service and pid.
     tag_application_name: bool = True
     #: Append every event as one JSON object per line to this file.
-    jsonl_path: Optional[str] = None
+    jsonl_path: str | None = None
 
     @classmethod
-    def load(
-        cls, environ: Mapping[str, str] | None = None, **kwargs: Any
-    ) -> Config:
+    def load(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> Config:
         """Merge ``kwargs`` over ``PGLEAKGUARD_<OPTION>`` variables over the defaults.
 
         Raises ``TypeError`` for an unknown option and ``ValueError`` naming the option,

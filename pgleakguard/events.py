@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 from .callsite import CallSite, render_frames
 
@@ -48,20 +48,20 @@ class CheckoutInfo:
 
     checkout_id: int
     integration: str
-    pool: Optional[str]
-    backend_pid: Optional[int]
-    application_name: Optional[str]
-    service: Optional[str]
+    pool: str | None
+    backend_pid: int | None
+    application_name: str | None
+    service: str | None
     callsite: CallSite
     age: float
-    idle: Optional[float]
-    transaction_status: Optional[str]
+    idle: float | None
+    transaction_status: str | None
     holder: str
     holder_kind: str
     holder_alive: bool
     started_at: float
-    trace_id: Optional[str]
-    span_id: Optional[str]
+    trace_id: str | None
+    span_id: str | None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready dict; the call-site is flattened to ``file``, ``line``, ``function``."""
@@ -83,7 +83,7 @@ class LeakEvent(CheckoutInfo):
     #: Acquisition stack, most recent call first: dicts with file, line, function, code.
     stack: list[dict[str, object]]
     #: What the holder is doing now (live thread or pending task), most recent call first.
-    holder_stack: Optional[list[dict[str, object]]]
+    holder_stack: list[dict[str, object]] | None
     #: Extra context (e.g. ``scope`` for scope_ended, the pg_stat_activity row).
     details: dict[str, Any]
     detected_at: float
@@ -135,9 +135,9 @@ class ReturnedEvent:
     checkout_id: int
     kinds: tuple[str, ...]
     integration: str
-    pool: Optional[str]
-    backend_pid: Optional[int]
-    service: Optional[str]
+    pool: str | None
+    backend_pid: int | None
+    service: str | None
     callsite: CallSite
     held_for: float
 

@@ -10,7 +10,6 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from typing import Optional
 
 MAX_BYTES = 63
 _SERVICE_BAD = re.compile(r"[^A-Za-z0-9._@-]+")
@@ -27,11 +26,11 @@ class Tag:
 
     service: str
     pid: int
-    file: Optional[str] = None
-    line: Optional[int] = None
+    file: str | None = None
+    line: int | None = None
 
     @property
-    def callsite(self) -> Optional[str]:
+    def callsite(self) -> str | None:
         """``file:line`` when the tag carries a call-site."""
         return f"{self.file}:{self.line}" if self.file and self.line is not None else None
 
@@ -50,9 +49,7 @@ def default_service() -> str:
     return clean_service(os.path.splitext(base)[0])
 
 
-def build(
-    service: str, pid: int, file: Optional[str] = None, line: Optional[int] = None
-) -> str:
+def build(service: str, pid: int, file: str | None = None, line: int | None = None) -> str:
     """The application_name for ``service`` in process ``pid``, optionally with a call-site.
 
     The pid is always kept; the call-site is dropped before the service is cut to fit.
@@ -66,7 +63,7 @@ def build(
     if len(svc) + len(rest) + len(site) > MAX_BYTES:
         # Keep at least 8 characters of service, then shorten the file name from the left.
         room = MAX_BYTES - len(rest) - min(len(svc), 8)
-        if site and room >= len(f"/x:{line}"):
+        if site and line is not None and room >= len(f"/x:{line}"):
             keep = room - len(f"/:{line}")
             base = site[1:].rsplit(":", 1)[0][-keep:]
             site = f"/{base}:{int(line)}"
@@ -76,7 +73,7 @@ def build(
     return svc + rest + site
 
 
-def parse(application_name: Optional[str]) -> Optional[Tag]:
+def parse(application_name: str | None) -> Tag | None:
     """Read a tag built by :func:`build`; ``None`` for any other application_name."""
     if not application_name:
         return None

@@ -14,7 +14,7 @@ import threading
 import weakref
 from collections import deque
 from time import monotonic, time
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from . import callsite as _callsite
 from ._safety import guard
@@ -75,24 +75,24 @@ class Checkout:
     id: int
     connection_id: int
     integration: str
-    pool: Optional[str]
-    backend_pid: Optional[int]
-    application_name: Optional[str]
-    service: Optional[str]
+    pool: str | None
+    backend_pid: int | None
+    application_name: str | None
+    service: str | None
     stack: Stack
     started: float
     started_wall: float
-    owner: Optional[weakref.ref[Any]]
+    owner: weakref.ref[Any] | None
     owner_is_task: bool
     owner_name: str
     last_activity: float
-    tx_status: Optional[int]
-    trace_id: Optional[str]
-    span_id: Optional[str]
+    tx_status: int | None
+    trace_id: str | None
+    span_id: str | None
     reported: tuple[str, ...]
     closed: bool
-    conn_ref: Optional[_ConnRef]
-    details: Optional[dict[str, Any]]
+    conn_ref: _ConnRef | None
+    details: dict[str, Any] | None
 
     def owner_object(self) -> Any:
         """The owning Thread or Task if it still exists."""
@@ -131,7 +131,7 @@ class Checkout:
             "span_id": self.span_id,
         }
 
-    def holder_frames(self, depth: int) -> Optional[list[_callsite.Frame]]:
+    def holder_frames(self, depth: int) -> list[_callsite.Frame] | None:
         """What the holder is running now: a live thread's frames or a pending task's."""
         owner = self.owner_object()
         if owner is None:
@@ -195,9 +195,9 @@ class Tracker:
         self._ids = itertools.count(1)
         # (kind, checkout, details) found outside the watchdog thread, e.g. by a GC callback,
         # where rendering or logging is unsafe; the watchdog (or flush()) turns them into events.
-        self._pending: deque[tuple[str, Checkout, Optional[dict[str, Any]]]] = deque()
+        self._pending: deque[tuple[str, Checkout, dict[str, Any] | None]] = deque()
         self._depth = config.stack_depth if config.capture_stack else 1
-        self._on_begin: Optional[Callable[[], None]] = None
+        self._on_begin: Callable[[], None] | None = None
         #: Leak events delivered so far, by kind.
         self.leak_counts: dict[str, int] = {}
 
@@ -207,10 +207,10 @@ class Tracker:
         self,
         conn: Any,
         integration: str,
-        pool: Optional[str] = None,
-        backend_pid: Optional[int] = None,
-        application_name: Optional[str] = None,
-        connection_id: Optional[int] = None,
+        pool: str | None = None,
+        backend_pid: int | None = None,
+        application_name: str | None = None,
+        connection_id: int | None = None,
         skip: int = 1,
     ) -> Checkout:
         """Start a checkout of ``conn`` by the calling code. ``skip`` frames are ours."""
@@ -266,9 +266,7 @@ class Tracker:
                 self.registry.remove(rec)
                 self._pending.append((GARBAGE_COLLECTED, rec, None))
 
-    def report(
-        self, rec: Checkout, kind: str, details: Optional[dict[str, Any]] = None
-    ) -> bool:
+    def report(self, rec: Checkout, kind: str, details: dict[str, Any] | None = None) -> bool:
         """Queue a leak report for ``rec`` unless ``kind`` was already reported for it."""
         if kind in rec.reported:
             return False
@@ -294,7 +292,7 @@ class Tracker:
                 self._dispatch(event)
 
     def leak_event(
-        self, rec: Checkout, kind: str, details: Optional[dict[str, Any]] = None
+        self, rec: Checkout, kind: str, details: dict[str, Any] | None = None
     ) -> LeakEvent:
         """Build the full report for ``rec`` (renders stacks: not for hot paths)."""
         depth = self.config.stack_depth
@@ -335,13 +333,13 @@ class Tracker:
 
 def touch(conn: Any, tx_status: int) -> None:
     """Record activity on ``conn`` (called after each operation, in the user's thread)."""
-    rec: Optional[Checkout] = conn.__dict__.get(CHECKOUT_ATTR)
+    rec: Checkout | None = conn.__dict__.get(CHECKOUT_ATTR)
     if rec is not None:
         rec.last_activity = monotonic()
         rec.tx_status = tx_status
 
 
-def describe_holders(checkouts: list[Checkout], pool: Optional[str] = None) -> str:
+def describe_holders(checkouts: list[Checkout], pool: str | None = None) -> str:
     """The culprit list a pool timeout should have printed: holders grouped by call-site."""
     now = monotonic()
     groups: dict[str, list[Checkout]] = {}
@@ -357,6 +355,8 @@ def describe_holders(checkouts: list[Checkout], pool: Optional[str] = None) -> s
     for site, recs in ranked:
         oldest = now - min(r.started for r in recs)
         holders = sorted({r.owner_name for r in recs})
-        shown = ", ".join(holders[:3]) + (f" and {len(holders) - 3} more" if len(holders) > 3 else "")
+        shown = ", ".join(holders[:3]) + (
+            f" and {len(holders) - 3} more" if len(holders) > 3 else ""
+        )
         lines.append(f"  {len(recs)} x {site} (oldest {oldest:.1f}s; held by {shown})")
     return "\n".join(lines)

@@ -37,7 +37,9 @@ class Watchdog:
         with self._start_lock:
             if self._thread is None:
                 self._stop.clear()
-                thread = threading.Thread(target=self._run, name="pgleakguard-watchdog", daemon=True)
+                thread = threading.Thread(
+                    target=self._run, name="pgleakguard-watchdog", daemon=True
+                )
                 thread.start()
                 self._thread = thread
 
@@ -92,7 +94,7 @@ class Watchdog:
             if rec.started < held_since and HELD_TOO_LONG not in rec.reported:
                 tracker.report(rec, HELD_TOO_LONG)
             if (
-                (tx == TX_INTRANS or tx == TX_INERROR)
+                (tx in (TX_INTRANS, TX_INERROR))
                 and rec.last_activity < idle_since
                 and IDLE_IN_TRANSACTION not in rec.reported
             ):

@@ -64,7 +64,9 @@ class EventLog(list[Event]):
             if len(found) >= count:
                 return found
             time.sleep(0.01)
-        raise AssertionError(f"no {kind} event within {timeout}s; got {[e.kind for e in self.leaks()]}")
+        raise AssertionError(
+            f"no {kind} event within {timeout}s; got {[e.kind for e in self.leaks()]}"
+        )
 
     def wait_returned(self, timeout: float = 10.0) -> ReturnedEvent:
         deadline = time.monotonic() + timeout

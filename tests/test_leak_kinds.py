@@ -14,7 +14,6 @@ from typing import Any
 import psycopg
 import psycopg_pool
 import pytest
-
 from conftest import EventLog, marked_line
 
 HERE = __file__
@@ -90,7 +89,9 @@ def sync(request: pytest.FixtureRequest, pg_dsn: str, events: EventLog) -> Itera
 
 
 @pytest.fixture(params=["araw", "apool"])
-async def asource(request: pytest.FixtureRequest, pg_dsn: str, events: EventLog) -> AsyncIterator[Async]:
+async def asource(
+    request: pytest.FixtureRequest, pg_dsn: str, events: EventLog
+) -> AsyncIterator[Async]:
     source = Async(request.param, pg_dsn)
     await source.pool.open()
     yield source
@@ -128,9 +129,7 @@ def test_held_too_long_names_the_line_then_returned_reports_hold_time(
     assert events.leaks("held_too_long") == [event]  # reported once
 
 
-def test_idle_in_transaction_names_the_line(
-    sync: Sync, install: Any, pg_dsn: str
-) -> None:
+def test_idle_in_transaction_names_the_line(sync: Sync, install: Any, pg_dsn: str) -> None:
     pgleakguard_events = install(leak_threshold=60, idle_in_transaction_threshold=0.2)
     conn = sync.take()
     conn.execute("SELECT 1")  # opens a transaction (autocommit is off), then idles
@@ -192,9 +191,7 @@ async def test_async_held_too_long_names_the_line(asource: Async, events: EventL
     assert (await asyncio.to_thread(events.wait_returned)).checkout_id == event.checkout_id
 
 
-async def test_async_idle_in_transaction_names_the_line(
-    asource: Async, events: EventLog
-) -> None:
+async def test_async_idle_in_transaction_names_the_line(asource: Async, events: EventLog) -> None:
     conn = await asource.take()
     await conn.execute("SELECT 1")
     await asyncio.to_thread(events.wait_for, "idle_in_transaction")

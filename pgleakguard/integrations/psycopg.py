@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import wraps
 from time import monotonic
 from types import FrameType
-from typing import Any, Optional
+from typing import Any, cast
 
-from .._safety import record_internal_error, safe_call
 from .. import tagging
+from .._safety import record_internal_error, safe_call
 from ..tracker import CHECKOUT_ATTR
 from . import DidNotEnable, Integration
 
@@ -24,9 +25,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without psycopg
 META_ATTR = "_pgleakguard_meta"
 
 
-def connection_meta(conn: Any) -> tuple[int, Optional[int], Optional[str]]:
+def connection_meta(conn: Any) -> tuple[int, int | None, str | None]:
     """Connection id, backend pid and application_name of a psycopg connection (no I/O)."""
-    meta: Optional[tuple[int, Optional[int], Optional[str]]] = conn.__dict__.get(META_ATTR)
+    meta: tuple[int, int | None, str | None] | None = conn.__dict__.get(META_ATTR)
     if meta is None:
         pgconn = conn.pgconn
         name = pgconn.parameter_status(b"application_name")
@@ -89,13 +90,9 @@ class PsycopgIntegration(Integration):
                 _closing(integration, self)
                 orig_close(self)
 
-        for func, original in ((connect, orig_connect), (wait, orig_wait), (close, orig_close)):
-            func.__wrapped__ = original  # type: ignore[attr-defined]
-            func.__doc__ = original.__doc__
-            func.__qualname__ = original.__qualname__
-        self.patcher.patch(cls, "connect", classmethod(connect))
-        self.patcher.patch(cls, "wait", wait)
-        self.patcher.patch(cls, "close", close)
+        self.patcher.patch(cls, "connect", classmethod(cast(Any, wraps(orig_connect)(connect))))
+        self.patcher.patch(cls, "wait", wraps(orig_wait)(wait))
+        self.patcher.patch(cls, "close", wraps(orig_close)(close))
 
     # -- the glue -------------------------------------------------------------------------
 

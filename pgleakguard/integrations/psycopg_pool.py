@@ -3,6 +3,7 @@ a PoolTimeout names the call-sites holding the pool's connections."""
 
 from __future__ import annotations
 
+from functools import wraps
 from typing import Any
 
 from .._safety import record_internal_error
@@ -70,12 +71,8 @@ class PsycopgPoolIntegration(Integration):
         self._install(cls, getconn, orig_getconn, putconn, orig_putconn)
 
     def _install(self, cls: Any, getconn: Any, orig_get: Any, putconn: Any, orig_put: Any) -> None:
-        for func, original in ((getconn, orig_get), (putconn, orig_put)):
-            func.__wrapped__ = original
-            func.__doc__ = original.__doc__
-            func.__qualname__ = original.__qualname__
-        self.patcher.patch(cls, "getconn", getconn)
-        self.patcher.patch(cls, "putconn", putconn)
+        self.patcher.patch(cls, "getconn", wraps(orig_get)(getconn))
+        self.patcher.patch(cls, "putconn", wraps(orig_put)(putconn))
 
     # -- the glue -------------------------------------------------------------------------
 

@@ -33,6 +33,12 @@ def last_internal_error() -> BaseException | None:
     return _last_error
 
 
+def forget_logged() -> None:
+    """Log the next error from every place again (tests use it to see the one line)."""
+    with _lock:
+        _logged.clear()
+
+
 def record_internal_error(exc: BaseException) -> None:
     """Count ``exc`` and log it the first time its origin is seen."""
     global _count, _last_error

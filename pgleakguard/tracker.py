@@ -13,6 +13,7 @@ import sys
 import threading
 import weakref
 from collections import deque
+from collections.abc import Sequence
 from time import monotonic, time
 from typing import Any, Callable
 
@@ -200,6 +201,9 @@ class Tracker:
         self._on_begin: Callable[[], None] | None = None
         #: Leak events delivered so far, by kind.
         self.leak_counts: dict[str, int] = {}
+        #: Recent checkouts whose connection was garbage collected: a pool never gets
+        #: those back, so its timeout message names them too.
+        self.collected: deque[Checkout] = deque(maxlen=1000)
 
     # -- hot path -------------------------------------------------------------------------
 
@@ -264,6 +268,7 @@ class Tracker:
             if not rec.closed:
                 rec.closed = True
                 self.registry.remove(rec)
+                self.collected.append(rec)
                 self._pending.append((GARBAGE_COLLECTED, rec, None))
 
     def report(self, rec: Checkout, kind: str, details: dict[str, Any] | None = None) -> bool:
@@ -339,24 +344,44 @@ def touch(conn: Any, tx_status: int) -> None:
         rec.tx_status = tx_status
 
 
-def describe_holders(checkouts: list[Checkout], pool: str | None = None) -> str:
-    """The culprit list a pool timeout should have printed: holders grouped by call-site."""
+def describe_holders(
+    checkouts: list[Checkout], pool: str | None = None, collected: Sequence[Checkout] = ()
+) -> str:
+    """The culprit list a pool timeout should have printed: holders grouped by call-site.
+
+    ``collected`` are checkouts whose connection was garbage collected unreturned: the pool
+    lost those slots for good.
+    """
+    where = f" of pool {pool!r}" if pool else ""
+    if not checkouts and not collected:
+        return f"pgleakguard: no connection{where} is checked out by tracked code"
+    lines = []
+    if checkouts:
+        lines.append(
+            f"pgleakguard: {len(checkouts)} connection(s){where} checked out, by call-site:"
+        )
+        lines.extend(_grouped(checkouts))
+    if collected:
+        lines.append(
+            f"pgleakguard: {len(collected)} connection(s){where} were garbage collected "
+            "without being returned (their slots are lost), taken at:"
+        )
+        lines.extend(_grouped(collected))
+    return "\n".join(lines)
+
+
+def _grouped(checkouts: Sequence[Checkout]) -> list[str]:
     now = monotonic()
     groups: dict[str, list[Checkout]] = {}
     for rec in checkouts:
         groups.setdefault(str(_callsite.callsite_of(rec.stack)), []).append(rec)
-    where = f" of pool {pool!r}" if pool else ""
-    if not groups:
-        return f"pgleakguard: no connection{where} is checked out by tracked code"
-    lines = [
-        f"pgleakguard: {len(checkouts)} connection(s){where} checked out, by call-site:",
-    ]
     ranked = sorted(groups.items(), key=lambda kv: (-len(kv[1]), min(r.started for r in kv[1])))
+    lines = []
     for site, recs in ranked:
         oldest = now - min(r.started for r in recs)
         holders = sorted({r.owner_name for r in recs})
-        shown = ", ".join(holders[:3]) + (
-            f" and {len(holders) - 3} more" if len(holders) > 3 else ""
-        )
+        shown = ", ".join(holders[:3])
+        if len(holders) > 3:
+            shown += f" and {len(holders) - 3} more"
         lines.append(f"  {len(recs)} x {site} (oldest {oldest:.1f}s; held by {shown})")
-    return "\n".join(lines)
+    return lines

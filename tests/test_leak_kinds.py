@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 import psycopg_pool
 import pytest
+
 from conftest import EventLog, marked_line
 
 HERE = __file__

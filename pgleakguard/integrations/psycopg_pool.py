@@ -7,7 +7,7 @@ from functools import wraps
 from typing import Any
 
 from .._safety import record_internal_error
-from ..tracker import CHECKOUT_ATTR, describe_holders
+from ..tracker import CHECKOUT_ATTR, Checkout, describe_holders
 from . import DidNotEnable, Integration
 
 try:
@@ -102,12 +102,14 @@ class PsycopgPoolIntegration(Integration):
     def explain_timeout(self, exc: BaseException, pool: Any) -> None:
         """Append the holders of ``pool`` to the PoolTimeout's own message, in place."""
         try:
-            holders = [
-                r
-                for r in self.tracker.registry.snapshot()
-                if r.integration == INTEGRATION and r.pool == pool.name and not r.closed
-            ]
+
+            def ours(rec: Checkout) -> bool:
+                return rec.integration == INTEGRATION and rec.pool == pool.name
+
+            holders = [r for r in self.tracker.registry.snapshot() if ours(r) and not r.closed]
+            lost = [r for r in list(self.tracker.collected) if ours(r)]
             text = str(exc.args[0]) if exc.args else ""
-            exc.args = (f"{text}\n{describe_holders(holders, pool.name)}", *exc.args[1:])
+            summary = describe_holders(holders, pool.name, lost)
+            exc.args = (f"{text}\n{summary}", *exc.args[1:])
         except Exception as err:
             record_internal_error(err)

@@ -1,0 +1,91 @@
+"""install() / uninstall(): idempotent, reversible, and clear about missing libraries."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import psycopg
+import psycopg_pool
+import pytest
+
+import pgleakguard
+
+from conftest import EventLog
+
+PATCHED = [
+    (psycopg, "connect"),
+    (psycopg.Connection, "connect"),
+    (psycopg.Connection, "wait"),
+    (psycopg.Connection, "close"),
+    (psycopg.AsyncConnection, "connect"),
+    (psycopg.AsyncConnection, "wait"),
+    (psycopg.AsyncConnection, "close"),
+    (psycopg_pool.ConnectionPool, "getconn"),
+    (psycopg_pool.ConnectionPool, "putconn"),
+    (psycopg_pool.AsyncConnectionPool, "getconn"),
+    (psycopg_pool.AsyncConnectionPool, "putconn"),
+]
+
+
+def _originals() -> list[Any]:
+    return [vars(owner).get(name) for owner, name in PATCHED]
+
+
+def test_uninstall_restores_every_original_function() -> None:
+    before = _originals()
+    pgleakguard.install()
+    during = _originals()
+    assert all(a is not b for a, b in zip(before, during))
+    pgleakguard.uninstall()
+    assert all(a is b for a, b in zip(before, _originals()))
+    pgleakguard.uninstall()  # a second uninstall is harmless
+
+
+def test_install_twice_does_not_double_count(pg_dsn: str, install: Callable[..., EventLog]) -> None:
+    log = install(leak_threshold=0.2)
+    pgleakguard.install(
+        leak_threshold=0.2, idle_in_transaction_threshold=0.3, service="tests", on_leak=log.append
+    )
+    with psycopg_pool.ConnectionPool(pg_dsn, min_size=1, max_size=2) as pool:
+        conn = pool.getconn()
+        assert len(pgleakguard.open_checkouts()) == 1
+        log.wait_for("held_too_long")
+        pgleakguard.check()
+        assert len(log.leaks("held_too_long")) == 1
+        pool.putconn(conn)
+    assert pgleakguard.open_checkouts() == []
+
+
+def test_reinstall_with_other_options_replaces_the_first(pg_dsn: str) -> None:
+    pgleakguard.install(service="first")
+    pgleakguard.install(service="second")
+    with psycopg.connect(pg_dsn) as conn:
+        [info] = pgleakguard.open_checkouts()
+        assert info.service == "second"
+        assert conn.info.parameter_status("application_name").startswith("second/pid:")
+
+
+def test_after_uninstall_nothing_is_tracked(pg_dsn: str) -> None:
+    pgleakguard.install()
+    pgleakguard.uninstall()
+    with psycopg.connect(pg_dsn) as conn:
+        assert pgleakguard.open_checkouts() == []
+        assert "/pid:" not in (conn.info.parameter_status("application_name") or "")
+
+
+def test_integration_asked_for_by_name_but_unavailable_is_a_clear_error() -> None:
+    before = _originals()
+    with pytest.raises(pgleakguard.DidNotEnable, match="'django' integration is not available"):
+        pgleakguard.install(integrations=["psycopg", "django"])
+    assert not pgleakguard.stats()["installed"]
+    # psycopg was hooked before django failed: it was unhooked again
+    assert all(a is b for a, b in zip(before, _originals()))
+
+
+def test_named_integration_enables_only_that_one() -> None:
+    before = _originals()
+    pgleakguard.install(integrations=["psycopg"])
+    after = _originals()
+    pool_hooks = [i for i, (owner, _) in enumerate(PATCHED) if "Pool" in str(owner)]
+    assert all(before[i] is after[i] for i in pool_hooks)
+    assert before[0] is not after[0]

@@ -1,0 +1,165 @@
+"""Processes: a forked child tracks only its own connections; `pgleakguard run` needs no code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+import pgleakguard
+
+from conftest import EventLog, marked_line
+
+
+def test_forked_child_tracks_its_own_connections_not_the_parents(
+    pg_dsn: str, events: EventLog
+) -> None:
+    parent_conn = psycopg.connect(pg_dsn)
+    events.wait_for("held_too_long")  # the parent's watchdog is running
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            os.close(read_end)
+            inherited = [c.checkout_id for c in pgleakguard.open_checkouts()]
+            events.clear()
+            child_conn = psycopg.connect(pg_dsn)  # leak: child
+            events.wait_for("held_too_long", timeout=5)
+            result = {
+                "inherited": inherited,
+                "open": [c.backend_pid for c in pgleakguard.open_checkouts()],
+                "child_pid": child_conn.info.backend_pid,
+                "reported": [(e.backend_pid, e.callsite.line) for e in events.leaks()],
+            }
+            os.write(write_end, json.dumps(result).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as fh:
+        result = json.loads(fh.read() or "{}")
+    os.waitpid(pid, 0)
+    parent_pid = parent_conn.info.backend_pid
+    assert result["inherited"] == []
+    assert result["open"] == [result["child_pid"]]
+    assert result["reported"] == [[result["child_pid"], marked_line(__file__, "child")]]
+    assert parent_pid not in [p for p, _ in result["reported"]]
+    assert [c.backend_pid for c in pgleakguard.open_checkouts()] == [parent_pid]
+    parent_conn.close()
+
+
+RUN_SCRIPT = """
+import sys, threading, time
+import psycopg
+
+kept = []
+def worker():
+    kept.append(psycopg.connect(sys.argv[1]))  # leak: run-thread
+t = threading.Thread(target=worker, name="background-sync")
+t.start(); t.join()
+time.sleep(1.0)
+"""
+
+
+def test_run_installs_pgleakguard_without_a_code_change(pg_dsn: str, tmp_path: Path) -> None:
+    script = tmp_path / "app.py"
+    script.write_text(textwrap.dedent(RUN_SCRIPT))
+    report = tmp_path / "leaks.jsonl"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pgleakguard.cli",
+            "run",
+            "--service",
+            "runner",
+            "--leak-threshold",
+            "0.2",
+            "--jsonl-path",
+            str(report),
+            "--",
+            sys.executable,
+            "-W",
+            "ignore::ResourceWarning",
+            str(script),
+            pg_dsn,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    line = marked_line(str(script), "run-thread")
+    assert f"[owner_exited, definite] checked out at {script}:{line} in worker" in proc.stderr
+    assert "holder=thread 'background-sync' (ended)" in proc.stderr
+    first = json.loads(report.read_text().splitlines()[0])
+    assert first["kind"] == "owner_exited"
+    assert first["callsite"] == {"file": str(script), "line": line, "function": "worker"}
+    assert first["service"] == "runner"
+    assert first["application_name"].startswith("runner/pid:")
+
+
+def test_run_rejects_a_bad_option_before_starting_the_program(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pgleakguard.cli",
+            "run",
+            "--leak-threshold",
+            "-3",
+            "--",
+            sys.executable,
+            "-c",
+            f"open({str(marker)!r}, 'w')",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "pgleakguard: error: invalid leak_threshold='-3' (from $PGLEAKGUARD_LEAK_THRESHOLD): "
+        "expected a positive number of seconds, e.g. 30 or 0.5"
+    )
+    assert not marker.exists()
+
+
+def test_run_without_a_command_says_how_to_use_it() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgleakguard.cli", "run"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "run needs a command: pgleakguard run -- python app.py" in proc.stderr
+
+
+def test_holder_stack_shows_where_a_live_thread_is_now(pg_dsn: str, events: EventLog) -> None:
+    import threading
+
+    release = threading.Event()
+
+    def busy() -> None:
+        with psycopg.connect(pg_dsn):  # leak: busy
+            release.wait(10)  # leak: waiting
+
+    t = threading.Thread(target=busy, name="slow-worker")
+    t.start()
+    try:
+        [event] = events.wait_for("held_too_long")
+    finally:
+        release.set()
+        t.join()
+    assert event.callsite.line == marked_line(__file__, "busy")
+    assert event.holder == "slow-worker" and event.holder_alive
+    assert event.holder_stack is not None
+    here: list[Any] = [f["line"] for f in event.holder_stack if f["file"] == __file__]
+    assert here[0] == marked_line(__file__, "waiting")
+    text = event.render()
+    assert "Holder is now at (most recent call last):" in text
+    assert "release.wait(10)" in text

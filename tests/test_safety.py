@@ -1,0 +1,88 @@
+"""Never break the host application: internal errors are swallowed, counted, logged once;
+the user's own exceptions pass through untouched."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import psycopg
+import psycopg_pool
+import pytest
+
+import pgleakguard
+from pgleakguard import _safety
+from pgleakguard.tracker import Tracker
+
+from conftest import EventLog
+
+
+def _boom(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("injected fault")
+
+
+@pytest.mark.allow_internal_errors
+@pytest.mark.parametrize("target", ["begin", "end"])
+def test_fault_in_tracker_never_reaches_the_caller(
+    target: str,
+    pg_dsn: str,
+    events: EventLog,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(Tracker, target, _boom)
+    _safety.forget_logged()
+    before = _safety.internal_error_count()
+    with caplog.at_level(logging.ERROR, logger="pgleakguard"):
+        for _ in range(3):
+            with psycopg.connect(pg_dsn) as conn:
+                assert conn.execute("SELECT 40 + 2").fetchone() == (42,)
+        with psycopg_pool.ConnectionPool(pg_dsn, min_size=1, max_size=1) as pool:
+            for _ in range(3):
+                with pool.connection() as conn:
+                    assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert _safety.internal_error_count() - before == 6  # 3 raw + 3 pool
+    logged = [r for r in caplog.records if "pgleakguard internal error" in r.getMessage()]
+    assert len(logged) == 1  # one line, not one per call
+    assert isinstance(logged[0].exc_info[1], RuntimeError)  # type: ignore[index]
+    assert pgleakguard.stats()["internal_errors"] == _safety.internal_error_count()
+
+
+@pytest.mark.allow_internal_errors
+def test_fault_in_a_sink_does_not_starve_the_others(pg_dsn: str, install: Any) -> None:
+    good = EventLog()
+
+    def bad_sink(event: Any) -> None:
+        raise ValueError("sink broke")
+
+    pgleakguard.install(leak_threshold=0.2, on_leak=bad_sink, jsonl_path=None)
+    # the logging sink still works when the callback raises
+    from pgleakguard._runtime import current
+
+    state = current()
+    assert state is not None
+    state.dispatcher.sinks.append(good.append)
+    with psycopg.connect(pg_dsn):
+        good.wait_for("held_too_long")
+    assert _safety.internal_error_count() >= 1
+
+
+def test_user_exceptions_pass_through_unchanged(pg_dsn: str, events: EventLog) -> None:
+    with pytest.raises(psycopg.OperationalError) as bad_dsn:
+        psycopg.connect(pg_dsn + "&dbname=no_such_database_here")
+    assert 'database "no_such_database_here" does not exist' in str(bad_dsn.value)
+
+    with psycopg.connect(pg_dsn) as conn, pytest.raises(psycopg.errors.UndefinedTable):
+        conn.execute("SELECT * FROM no_such_table")
+
+    mine = KeyError("mine")
+    with (
+        psycopg_pool.ConnectionPool(pg_dsn, min_size=1, max_size=1) as pool,
+        pytest.raises(KeyError) as raised,
+        pool.connection(),
+    ):
+        raise mine
+    assert raised.value is mine
+    assert pgleakguard.open_checkouts() == []  # both ended despite the errors
+    pgleakguard.check()
+    assert events == []

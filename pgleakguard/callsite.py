@@ -11,6 +11,7 @@ import os
 import sys
 from dataclasses import dataclass
 from types import CodeType, FrameType
+from typing import Any
 
 Frame = tuple[CodeType, int]
 Stack = tuple[Frame, ...]
@@ -58,19 +59,45 @@ def capture(depth: int, skip: int = 1) -> Stack:
     """Frames from the call-site outwards (most recent first), at most ``depth`` of them.
 
     The call-site is the first frame, walking out from the caller, whose module is not in
-    the library filter.
+    the library filter. SQLAlchemy's asyncio layer runs the pool inside a greenlet whose
+    stack ends at the greenlet; the walk goes on in the parent greenlet, where the
+    application's ``await`` is.
     """
     frame: FrameType | None = sys._getframe(skip + 1)
     is_library = _is_library
-    while frame is not None and is_library(frame):
-        frame = frame.f_back
+    glet: Any = None
+    while True:
+        while frame is not None and is_library(frame):
+            frame = frame.f_back
+        if frame is not None:
+            break
+        frame, glet = _parent_greenlet_frame(glet)
+        if glet is None:
+            break
     out: list[Frame] = []
     append = out.append
-    while frame is not None and depth:
+    while depth:
+        if frame is None:
+            frame, glet = _parent_greenlet_frame(glet)
+            if frame is None:
+                break
         append((frame.f_code, frame.f_lineno))
         frame = frame.f_back
         depth -= 1
     return tuple(out)
+
+
+def _parent_greenlet_frame(glet: Any) -> tuple[FrameType | None, Any]:
+    """The suspended frame of the parent of ``glet`` (or of the current greenlet)."""
+    module = sys.modules.get("greenlet")
+    if module is None:
+        return None, None
+    if glet is None:
+        glet = module.getcurrent()
+    parent = glet.parent
+    if parent is None:
+        return None, None
+    return parent.gr_frame, parent
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,17 @@ def default_service() -> str:
     return clean_service(os.path.splitext(base)[0])
 
 
+def application_name(user: str | None, service: str | None) -> str:
+    """The tag for a new connection: the user's own application_name (or an earlier tag's
+    service) is kept as the service part; else ``service``; else the program's name."""
+    if user:
+        tag = parse(user)
+        name = tag.service if tag is not None else user
+    else:
+        name = service or default_service()
+    return build(name, os.getpid())
+
+
 def build(service: str, pid: int, file: str | None = None, line: int | None = None) -> str:
     """The application_name for ``service`` in process ``pid``, optionally with a call-site.
 

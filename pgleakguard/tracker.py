@@ -253,7 +253,15 @@ class Tracker:
         return rec
 
     def end(self, rec: Checkout) -> None:
-        """The checkout is over: the connection was returned or closed."""
+        """The checkout is over: the connection was returned or closed.
+
+        A pool may return a connection from its own GC callback (SQLAlchemy does); if the
+        object we watch is already dead, that return is a garbage_collected leak.
+        """
+        ref = rec.conn_ref
+        if ref is not None and ref() is None:
+            self._collected(ref)
+            return
         rec.closed = True
         rec.conn_ref = None
         if self.registry.remove(rec) and rec.reported:

@@ -78,8 +78,9 @@ class Watchdog:
             if rec.closed:
                 continue
             tx = rec.tx_status
-            if tx == TX_UNKNOWN:
-                # Broken (server closed it, network gone): it holds no server slot, no leak.
+            if tx == TX_UNKNOWN and rec.pool is None:
+                # A broken raw connection (server closed it, network gone) holds no server
+                # slot and no pool slot: no leak. A pool's broken one still holds its slot.
                 tracker.registry.remove(rec)
                 continue
             ref = rec.owner

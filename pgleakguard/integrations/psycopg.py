@@ -21,6 +21,9 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without psycopg
     raise DidNotEnable("psycopg (version 3) is not installed") from exc
 
+#: Callers whose connections belong to a pool (tracked per checkout, not from open to close).
+POOL_MODULES = ("psycopg_pool", "sqlalchemy", "django.db")
+
 #: Per physical connection: (connection id, backend pid, application_name), set at connect.
 META_ATTR = "_pgleakguard_meta"
 
@@ -106,21 +109,16 @@ class PsycopgIntegration(Integration):
             or conninfo_to_dict(conninfo).get("application_name")
             or os.environ.get("PGAPPNAME")
         )
-        if user:
-            tag = tagging.parse(str(user))
-            service = tag.service if tag is not None else str(user)
-        else:
-            service = config.service or tagging.default_service()
         new = dict(kwargs)
-        new["application_name"] = tagging.build(service, os.getpid())
+        new["application_name"] = tagging.application_name(user and str(user), config.service)
         return new
 
     def connected(self, conn: Any, caller: FrameType) -> None:
         """A physical connection was opened: track it unless a pool owns it."""
         _, pid, name = connection_meta(conn)
         module = caller.f_globals.get("__name__", "")
-        if isinstance(module, str) and module.startswith("psycopg_pool"):
-            return  # pool connections are tracked per checkout by the psycopg_pool integration
+        if isinstance(module, str) and module.startswith(POOL_MODULES):
+            return  # a pool's connection: its integration tracks each checkout instead
         rec = self.tracker.begin(conn, "psycopg", backend_pid=pid, application_name=name, skip=2)
         conn.__dict__[CHECKOUT_ATTR] = rec
 

@@ -6,7 +6,7 @@ pgleakguard.install(service="billing")
 
 from __future__ import annotations
 
-from ._runtime import check, install, open_checkouts, stats, uninstall
+from ._runtime import check, install, instrument_engine, open_checkouts, stats, uninstall
 from .callsite import CallSite
 from .config import Config
 from .events import (
@@ -44,6 +44,7 @@ __all__ = [
     "__version__",
     "check",
     "install",
+    "instrument_engine",
     "open_checkouts",
     "stats",
     "uninstall",

@@ -83,6 +83,24 @@ def _uninstall_locked() -> None:
     state.tracker.flush()
 
 
+def instrument_engine(engine: Any) -> None:
+    """Track one SQLAlchemy Engine or AsyncEngine created before install() or with the
+    sqlalchemy integration not enabled. Idempotent; undone by uninstall()."""
+    from .integrations.sqlalchemy import SQLAlchemyIntegration
+
+    with _lock:
+        state = _state
+        if state is None:
+            raise RuntimeError("pgleakguard is not installed: call pgleakguard.install() first")
+        integration = next(
+            (i for i in state.integrations if isinstance(i, SQLAlchemyIntegration)), None
+        )
+        if integration is None:
+            integration = SQLAlchemyIntegration(state.tracker)
+            state.integrations.append(integration)
+        integration.setup_engine(engine)
+
+
 def open_checkouts() -> list[CheckoutInfo]:
     """What application code holds right now, oldest first (empty when not installed)."""
     state = _state

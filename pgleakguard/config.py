@@ -11,7 +11,7 @@ from typing import Any, Callable
 from .events import Event
 
 #: Integration names accepted by ``integrations=``.
-KNOWN_INTEGRATIONS = ("psycopg", "psycopg_pool", "sqlalchemy", "django")
+KNOWN_INTEGRATIONS = ("psycopg", "psycopg_pool", "sqlalchemy")
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TRUE = ("1", "true", "yes", "on")
@@ -44,6 +44,11 @@ class Config:
     tag_application_name: bool = True
     #: Append every event as one JSON object per line to this file.
     jsonl_path: str | None = None
+    #: SQLAlchemy: append a sqlcommenter comment (service, pid, call-site) to statements.
+    sql_comments: bool = False
+    #: SQLAlchemy: put the checkout's call-site in application_name at each checkout
+    #: (one ``SET`` round trip, only when the tag changes, never inside a transaction).
+    retag_on_checkout: bool = False
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> Config:
@@ -93,7 +98,7 @@ def _convert(name: str, value: Any, from_env: str | None) -> Any:
         if isinstance(value, (bool, float)) or not 1 <= depth <= 1000:
             raise _bad(name, value, "a whole number of frames from 1 to 1000", from_env)
         return depth
-    if name in ("capture_stack", "tag_application_name"):
+    if name in ("capture_stack", "tag_application_name", "sql_comments", "retag_on_checkout"):
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:

@@ -10,6 +10,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 MAX_BYTES = 63
 _SERVICE_BAD = re.compile(r"[^A-Za-z0-9._@-]+")
@@ -98,3 +99,31 @@ def parse(application_name: str | None) -> Tag | None:
         file=m.group("file"),
         line=int(line) if line is not None else None,
     )
+
+
+_COMMENT = re.compile(r"/\*(?P<body>[^*]*(?:\*(?!/)[^*]*)*)\*/\s*;?\s*$")
+_PAIR = re.compile(r"([A-Za-z0-9_.-]+)='([^']*)'")
+_VALUE_BAD = re.compile(r"[^A-Za-z0-9._:/@-]+")
+
+
+def sql_comment(**tags: str) -> str:
+    """A sqlcommenter comment: sorted ``key='value'`` pairs, appended to a statement.
+
+    Values are reduced to ``[A-Za-z0-9._:/@-]`` (other characters become ``-``), which URL
+    decoding leaves unchanged: the comment needs no percent-encoding and so never contains
+    ``%``, which psycopg would read as a placeholder.
+    """
+    pairs = ",".join(
+        f"{key}='{_VALUE_BAD.sub('-', str(value))}'" for key, value in sorted(tags.items()) if value
+    )
+    return f"/*{pairs}*/"
+
+
+def parse_sql_comment(query: str | None) -> dict[str, str]:
+    """The ``key='value'`` pairs of a trailing sqlcommenter comment (URL-decoded)."""
+    if not query:
+        return {}
+    m = _COMMENT.search(query)
+    if m is None:
+        return {}
+    return {key: unquote(value) for key, value in _PAIR.findall(m.group("body"))}

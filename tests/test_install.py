@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable
 
 import psycopg
@@ -9,6 +10,7 @@ import psycopg_pool
 import pytest
 
 import pgleakguard
+from pgleakguard import _runtime
 
 from conftest import EventLog
 
@@ -73,13 +75,32 @@ def test_after_uninstall_nothing_is_tracked(pg_dsn: str) -> None:
         assert "/pid:" not in (conn.info.parameter_status("application_name") or "")
 
 
-def test_integration_asked_for_by_name_but_unavailable_is_a_clear_error() -> None:
+def _without_sqlalchemy(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An import of sqlalchemy now fails as on a machine without it.
+    monkeypatch.setitem(sys.modules, "sqlalchemy", None)
+    monkeypatch.delitem(sys.modules, "pgleakguard.integrations.sqlalchemy", raising=False)
+
+
+def test_missing_library_asked_for_by_name_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _without_sqlalchemy(monkeypatch)
     before = _originals()
-    with pytest.raises(pgleakguard.DidNotEnable, match="'django' integration is not available"):
-        pgleakguard.install(integrations=["psycopg", "django"])
+    with pytest.raises(pgleakguard.DidNotEnable, match="^SQLAlchemy is not installed$"):
+        pgleakguard.install(integrations=["psycopg_pool", "sqlalchemy"])
     assert not pgleakguard.stats()["installed"]
-    # psycopg was hooked before django failed: it was unhooked again
+    # psycopg and psycopg_pool were hooked before sqlalchemy failed: unhooked again
     assert all(a is b for a, b in zip(before, _originals()))
+
+
+def test_missing_library_is_skipped_quietly_by_auto_detection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _without_sqlalchemy(monkeypatch)
+    pgleakguard.install()
+    state = _runtime.current()
+    assert state is not None
+    assert [i.identifier for i in state.integrations] == ["psycopg", "psycopg_pool"]
 
 
 def test_named_integration_enables_only_that_one() -> None:

@@ -20,9 +20,13 @@ logger = logging.getLogger("pgleakguard")
 AVAILABLE: dict[str, tuple[str, str]] = {
     "psycopg": ("pgleakguard.integrations.psycopg", "PsycopgIntegration"),
     "psycopg_pool": ("pgleakguard.integrations.psycopg_pool", "PsycopgPoolIntegration"),
+    "sqlalchemy": ("pgleakguard.integrations.sqlalchemy", "SQLAlchemyIntegration"),
 }
-#: Integrations that need another one enabled to see everything.
-REQUIRES: dict[str, tuple[str, ...]] = {"psycopg_pool": ("psycopg",)}
+#: Integrations that see more with another one enabled (enabled too when installed).
+COMPANIONS: dict[str, tuple[str, ...]] = {
+    "psycopg_pool": ("psycopg",),
+    "sqlalchemy": ("psycopg",),
+}
 
 _MISSING = object()
 
@@ -75,21 +79,23 @@ class Integration:
 def enable(names: tuple[str, ...], tracker: Tracker) -> list[Integration]:
     """Enable ``names`` (or every available library for ``("auto",)``)."""
     auto = names == ("auto",)
-    wanted: list[str] = []
+    wanted: list[tuple[str, bool]] = []  # (name, asked for by name)
     for name in AVAILABLE if auto else names:
-        for dep in (*REQUIRES.get(name, ()), name):
-            if dep not in wanted:
-                wanted.append(dep)
+        for companion in COMPANIONS.get(name, ()):
+            if all(companion != n for n, _ in wanted):
+                wanted.append((companion, False))
+        wanted = [(n, named) for n, named in wanted if n != name]
+        wanted.append((name, not auto))
     enabled: list[Integration] = []
     try:
-        for name in wanted:
+        for name, named in wanted:
             if name not in AVAILABLE:
                 raise DidNotEnable(f"pgleakguard: the {name!r} integration is not available yet")
             module_name, class_name = AVAILABLE[name]
             try:
                 cls = getattr(importlib.import_module(module_name), class_name)
             except DidNotEnable:
-                if auto:
+                if not named:
                     logger.debug("pgleakguard: %s not installed, skipping", name)
                     continue
                 raise

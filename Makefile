@@ -14,7 +14,7 @@ $(VENV)/.demo: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.test: pyproject.toml | $(BIN)/python
-	$(PIP) install -e '.[test]'
+	$(PIP) install -e '.[test]' $(EXTRA_PIP)
 	touch $@
 
 $(VENV)/.dev: pyproject.toml | $(BIN)/python

@@ -42,6 +42,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from threading import current_thread
 from time import monotonic, perf_counter, thread_time, time
+from types import CodeType, FrameType
 from typing import Any, Callable
 
 import psycopg
@@ -64,7 +65,7 @@ QUIET: dict[str, Any] = {"leak_threshold": 3600.0, "idle_in_transaction_threshol
 DEFAULT_OPTS: dict[str, Any] = dict(QUIET)
 #: Row 3: call-site only.
 CALLSITE_ONLY_OPTS: dict[str, Any] = {**QUIET, "capture_stack": False}
-#: Rows 4-5 drive the tracker directly; one integration is enough to install.
+#: Rows 4-5 drive the tracker directly (default capture); one integration is enough to install.
 TRACKER_OPTS: dict[str, Any] = {**QUIET, "integrations": ["psycopg"]}
 
 APP_DEPTH = 20
@@ -240,14 +241,16 @@ class Dummy:
     """Stands in for a connection: weakref-able, kept alive by the benchmark."""
 
 
-def tracker_installed() -> Tracker:
-    set_side(TRACKER_OPTS)
+def installed_quietly(opts: dict[str, Any]) -> _runtime.Installed:
+    """Install with ``opts``; the watchdog thread may start but never scans on its own.
+
+    Rows 4 and 5 time scans directly, and a background scan would disturb the memory figure.
+    """
+    set_side(opts)
     state = _runtime.current()
     assert state is not None
-    # The background thread may start (it does on the first checkout) but never scans during
-    # the measurement: scans are timed directly and would disturb the memory figure.
     state.watchdog.interval = 3600.0
-    return state.tracker
+    return state
 
 
 def begin_many(tracker: Tracker, objs: list[Dummy], out: list[Checkout | None]) -> None:
@@ -258,9 +261,8 @@ def begin_many(tracker: Tracker, objs: list[Dummy], out: list[Checkout | None]) 
 
 def scan_ms(chain: Chain, runs: int) -> tuple[float, float]:
     """Median (thread CPU, wall) milliseconds of one watchdog scan over 10,000 checkouts."""
-    tracker = tracker_installed()
-    state = _runtime.current()
-    assert state is not None
+    state = installed_quietly(TRACKER_OPTS)
+    tracker = state.tracker
     objs = [Dummy() for _ in range(OPEN_CHECKOUTS)]
     recs: list[Checkout | None] = [None] * OPEN_CHECKOUTS
     chain(lambda: begin_many(tracker, objs, recs))
@@ -273,7 +275,7 @@ def scan_ms(chain: Chain, runs: int) -> tuple[float, float]:
         c, w = timed(lambda _n: state.watchdog.scan(), 1)
         cpu.append(c * 1e3)
         wall.append(w * 1e3)
-    if state.tracker.leak_counts or state.tracker._pending:
+    if tracker.leak_counts or tracker._pending:
         raise SystemExit("benchmark bug: the scan reported leaks")
     for rec in recs:
         assert rec is not None
@@ -287,11 +289,7 @@ def bytes_per_checkout(chain: Chain, opts: dict[str, Any]) -> tuple[float, list[
 
     Returns the figure and the sizes of what one of them holds (for the breakdown).
     """
-    set_side(opts)
-    state = _runtime.current()
-    assert state is not None
-    state.watchdog.interval = 3600.0
-    tracker = state.tracker
+    tracker = installed_quietly(opts).tracker
     objs = [Dummy() for _ in range(OPEN_CHECKOUTS)]
     recs: list[Checkout | None] = [None] * OPEN_CHECKOUTS
     warm = Dummy()
@@ -441,6 +439,38 @@ def breakdown(bench: PoolBench, reps: int) -> list[tuple[str, float]]:
         for _ in range(n):
             get(conn)
 
+    def walk_lasti(n: int) -> None:
+        # What capture() costs when the line number (a line-table scan per frame) is left to
+        # report time: f_lasti is a plain field.
+        for _ in range(n):
+            frame: FrameType | None = sys._getframe(1)
+            out: list[tuple[CodeType, int]] = []
+            append, left = out.append, depth
+            while frame is not None and left:
+                append((frame.f_code, frame.f_lasti))
+                frame = frame.f_back
+                left -= 1
+            tuple(out)
+
+    def walk_codes(n: int) -> None:
+        for _ in range(n):
+            frame: FrameType | None = sys._getframe(1)
+            out: list[CodeType] = []
+            append, left = out.append, depth
+            while frame is not None and left:
+                append(frame.f_code)
+                frame = frame.f_back
+                left -= 1
+            tuple(out)
+
+    plain: dict[int, Checkout] = {}
+
+    def dict_ops(n: int) -> None:
+        key = sample_rec.id
+        for _ in range(n):
+            plain[key] = sample_rec
+            plain.pop(key, None)
+
     def touch(n: int) -> None:
         t = pg_integration._touch
         for _ in range(n):
@@ -459,6 +489,10 @@ def breakdown(bench: PoolBench, reps: int) -> list[tuple[str, float]]:
         ("      watchdog.ensure_started()", piece(watchdog_check)),
         ("    connection_meta(conn) (cached)", piece(meta)),
         ("psycopg wait hook (_touch), per query round trip", piece(touch)),
+        ("for comparison (not pgleakguard code):", float("nan")),
+        (f"  walk {depth} frames keeping (code, f_lasti) instead", piece(walk_lasti)),
+        (f"  walk {depth} frames keeping only code objects", piece(walk_codes)),
+        ("  dict set + pop without the lock", piece(dict_ops)),
     ]
     pool.putconn(conn)
     pgleakguard.uninstall()
@@ -561,17 +595,27 @@ def machine() -> str:
 
 
 def git_head() -> str:
+    """The commit measured, and the package files that differ from it (the code measured)."""
+    here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(
+        head = subprocess.run(
             ["git", "describe", "--always", "--dirty"],
-            cwd=Path(__file__).resolve().parent,
+            cwd=here,
             capture_output=True,
             text=True,
             check=True,
-        )
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "../pgleakguard"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split("\n")
     except (OSError, subprocess.CalledProcessError):
         return "?"
-    return out.stdout.strip()
+    changed = [line[3:] for line in dirty if line.strip()]
+    return head + (f" (uncommitted: {', '.join(changed)})" if changed else "")
 
 
 @contextlib.contextmanager
@@ -651,8 +695,8 @@ def main(argv: list[str] | None = None) -> int:
         r2_cpu, r2_wall = bench.pairs(query, n_query, pairs, warmup, DEFAULT_OPTS)
         r3, _ = bench.pairs(getput, n_get, pairs, warmup, CALLSITE_ONLY_OPTS)
         scan_cpu, scan_wall = scan_ms(chain, scan_runs)
-        mem, mem_parts = bytes_per_checkout(chain, DEFAULT_OPTS)
-        mem_site, _ = bytes_per_checkout(chain, CALLSITE_ONLY_OPTS)
+        mem, mem_parts = bytes_per_checkout(chain, TRACKER_OPTS)
+        mem_site, _ = bytes_per_checkout(chain, {**TRACKER_OPTS, "capture_stack": False})
         profile = breakdown(bench, 5 if args.quick else 9) if args.breakdown else []
 
     rows = [
@@ -705,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print("Hot-path breakdown (thread CPU ns per checkout+checkin, loop cost subtracted):")
         for name, ns in profile:
-            print(f"  {name:<58} {ns:8.0f} ns")
+            print(f"  {name:<58} {ns:8.0f} ns" if ns == ns else f"  {name}")
         print()
         print("Memory of one open checkout (sys.getsizeof; the registry slot is the rest):")
         for name, size in mem_parts[1:]:

@@ -56,7 +56,7 @@ def _is_library(frame: FrameType) -> bool:
 
 
 def capture(depth: int, skip: int = 1) -> Stack:
-    """Frames from the call-site outwards (most recent first), at most ``depth`` of them.
+    """Application frames from the call-site outwards (most recent first), at most ``depth``.
 
     The call-site is the first frame, walking out from the caller, whose module is not in
     the library filter. SQLAlchemy's asyncio layer runs the pool inside a greenlet whose
@@ -81,9 +81,12 @@ def capture(depth: int, skip: int = 1) -> Stack:
             frame, glet = _parent_greenlet_frame(glet)
             if frame is None:
                 break
-        append((frame.f_code, frame.f_lineno))
+        # Library frames (event loop, thread bootstrap, ORM internals) only hide the
+        # application's own path: keep the application's frames.
+        if not is_library(frame):
+            append((frame.f_code, frame.f_lineno))
+            depth -= 1
         frame = frame.f_back
-        depth -= 1
     return tuple(out)
 
 

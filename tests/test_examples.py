@@ -1,0 +1,63 @@
+"""The shipped examples run against a real PostgreSQL and name their own leaking line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def line_of(path: Path, needle: str) -> int:
+    for number, text in enumerate(path.read_text().splitlines(), 1):
+        if needle in text:
+            return number
+    raise LookupError(needle)
+
+
+@pytest.mark.parametrize(
+    ("example", "needle", "kind", "function", "extra"),
+    [
+        (
+            "psycopg_pool_leak.py",
+            "conn = pool.getconn()",
+            "owner_exited",
+            "export_report",
+            "2 connection(s) of pool 'orders' checked out, by call-site:",
+        ),
+        (
+            "sqlalchemy_thread_leak.py",
+            "conn = engine.connect()",
+            "owner_exited",
+            "warm_cache",
+            "holder=thread 'cache-warmer' (ended)",
+        ),
+        (
+            "sqlalchemy_async_leak.py",
+            "conn = await engine.connect()",
+            "owner_exited",
+            "handle_request",
+            "1 connection(s) of pool 'postgresql+asyncpg:///postgres' checked out",
+        ),
+    ],
+)
+def test_example_reports_its_leaking_line(
+    example: str, needle: str, kind: str, function: str, extra: str, pg_dsn: str
+) -> None:
+    path = EXAMPLES / example
+    proc = subprocess.run(
+        [sys.executable, str(path)],
+        env=dict(os.environ, DATABASE_URL=pg_dsn),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    where = f"{path}:{line_of(path, needle)} in {function}"
+    assert f"[{kind}, definite] checked out at {where}" in proc.stdout
+    assert extra in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr

@@ -7,6 +7,7 @@ pgleakguard.install(service="billing")
 from __future__ import annotations
 
 from ._runtime import check, install, instrument_engine, open_checkouts, stats, uninstall
+from ._version import __version__
 from .callsite import CallSite
 from .config import Config
 from .events import (
@@ -23,8 +24,6 @@ from .events import (
     ReturnedEvent,
 )
 from .integrations import DidNotEnable
-
-__version__ = "0.1.0"
 
 __all__ = [
     "GARBAGE_COLLECTED",

@@ -28,6 +28,17 @@ class Installed:
         self.tracker = Tracker(config, self.dispatcher)
         self.watchdog = Watchdog(self.tracker)
         self.tracker._on_begin = self.watchdog.ensure_started
+        if config.otel:
+            from .otel import Telemetry
+
+            telemetry = Telemetry(
+                config.meter_provider,
+                config.tracer_provider,
+                config.otel_checkout_spans,
+                self.tracker.registry.snapshot,
+            )
+            self.tracker.telemetry = telemetry
+            self.dispatcher.sinks.append(telemetry)
         self.integrations: list[Integration] = []
 
 

@@ -26,6 +26,9 @@ LIBRARY_MODULES: tuple[str, ...] = (
     "asyncio",
     "contextlib",
     "threading",
+    "greenlet",
+    "wrapt",
+    "opentelemetry.instrumentation",
 )
 
 _prefixes: tuple[str, ...] = LIBRARY_MODULES

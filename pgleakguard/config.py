@@ -13,6 +13,15 @@ from .events import Event
 #: Integration names accepted by ``integrations=``.
 KNOWN_INTEGRATIONS = ("psycopg", "psycopg_pool", "sqlalchemy")
 
+_BOOLEANS = (
+    "capture_stack",
+    "tag_application_name",
+    "sql_comments",
+    "retag_on_checkout",
+    "otel",
+    "otel_checkout_spans",
+)
+_OBJECTS = ("on_leak", "meter_provider", "tracer_provider")  # keyword only, never from env
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -49,6 +58,13 @@ class Config:
     #: SQLAlchemy: put the checkout's call-site in application_name at each checkout
     #: (one ``SET`` round trip, only when the tag changes, never inside a transaction).
     retag_on_checkout: bool = False
+    #: OpenTelemetry pool metrics and leak spans (recorded once an SDK is configured).
+    otel: bool = True
+    #: OpenTelemetry: also a span per checkout, from checkout to return.
+    otel_checkout_spans: bool = False
+    #: OpenTelemetry providers to use instead of the global ones (keyword only).
+    meter_provider: Any = None
+    tracer_provider: Any = None
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> Config:
@@ -71,7 +87,7 @@ class Config:
                 values[name] = _convert(name, kwargs[name], from_env=None)
                 continue
             var = "PGLEAKGUARD_" + name.upper()
-            if name != "on_leak" and env.get(var, "") != "":
+            if name not in _OBJECTS and env.get(var, "") != "":
                 values[name] = _convert(name, env[var], from_env=var)
         return cls(**values)
 
@@ -98,7 +114,7 @@ def _convert(name: str, value: Any, from_env: str | None) -> Any:
         if isinstance(value, (bool, float)) or not 1 <= depth <= 1000:
             raise _bad(name, value, "a whole number of frames from 1 to 1000", from_env)
         return depth
-    if name in ("capture_stack", "tag_application_name", "sql_comments", "retag_on_checkout"):
+    if name in _BOOLEANS:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
@@ -128,6 +144,8 @@ def _convert(name: str, value: Any, from_env: str | None) -> Any:
         if names is None:
             raise _bad(name, value, "module names, e.g. myapp.db", from_env)
         return names
+    if name in ("meter_provider", "tracer_provider"):
+        return value
     if name == "on_leak":
         if value is not None and not callable(value):
             raise _bad(name, value, "a callable taking one event, or None", from_env)

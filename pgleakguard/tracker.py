@@ -71,6 +71,7 @@ class Checkout:
         "closed",
         "conn_ref",
         "details",
+        "span",
     )
 
     id: int
@@ -94,6 +95,7 @@ class Checkout:
     closed: bool
     conn_ref: _ConnRef | None
     details: dict[str, Any] | None
+    span: Any  # the optional per-checkout OpenTelemetry span
 
     def owner_object(self) -> Any:
         """The owning Thread or Task if it still exists."""
@@ -199,6 +201,8 @@ class Tracker:
         self._pending: deque[tuple[str, Checkout, dict[str, Any] | None]] = deque()
         self._depth = config.stack_depth if config.capture_stack else 1
         self._on_begin: Callable[[], None] | None = None
+        #: The OpenTelemetry layer (pgleakguard.otel.Telemetry), when enabled.
+        self.telemetry: Any = None
         #: Leak events delivered so far, by kind.
         self.leak_counts: dict[str, int] = {}
         #: Recent checkouts whose connection was garbage collected: a pool never gets
@@ -244,12 +248,15 @@ class Tracker:
         rec.trace_id = rec.span_id = None
         rec.reported = ()
         rec.closed = False
-        rec.details = None
+        rec.details = rec.span = None
         ref = rec.conn_ref = _ConnRef(conn, self._collected)
         ref.checkout = rec
         self.registry.add(rec)
         if self._on_begin is not None:
             self._on_begin()
+        telemetry = self.telemetry
+        if telemetry is not None and telemetry.traces_on:
+            telemetry.checked_out(rec)
         return rec
 
     def end(self, rec: Checkout) -> None:
@@ -266,6 +273,9 @@ class Tracker:
         rec.conn_ref = None
         if self.registry.remove(rec) and rec.reported:
             self._pending.append(("returned", rec, None))
+        telemetry = self.telemetry
+        if telemetry is not None and (telemetry.metrics_on or rec.span is not None):
+            telemetry.checked_in(rec, monotonic() - rec.started)
 
     # -- reporting ------------------------------------------------------------------------
 

@@ -60,6 +60,10 @@ class Watchdog:
     def _run(self) -> None:
         stop = self._stop
         while not stop.wait(self.interval):
+            telemetry = self.tracker.telemetry
+            if telemetry is not None and not (telemetry.metrics_on and telemetry.traces_on):
+                with guard():
+                    telemetry.refresh()  # an SDK may have been configured since
             with guard():
                 self.scan()
             with guard():

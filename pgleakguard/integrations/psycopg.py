@@ -24,6 +24,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without psycopg
 #: Callers whose connections belong to a pool (tracked per checkout, not from open to close).
 POOL_MODULES = ("psycopg_pool", "sqlalchemy", "django.db")
 
+#: Wrappers between a pool and psycopg.connect (other instrumentations).
+WRAPPER_MODULES = ("opentelemetry.", "wrapt", "pgleakguard.")
+
 #: Per physical connection: (connection id, backend pid, application_name), set at connect.
 META_ATTR = "_pgleakguard_meta"
 
@@ -52,7 +55,11 @@ class PsycopgIntegration(Integration):
 
     def _hook_class(self, cls: Any) -> None:
         integration = self
-        orig_connect = vars(cls)["connect"].__func__
+        # The descriptor as it is now: another instrumentation's wrapper stays in the chain.
+        connect_descriptor = vars(cls)["connect"]
+        orig_connect = (
+            connect_descriptor.__func__ if isinstance(connect_descriptor, classmethod) else None
+        )
         orig_wait = cls.wait
         orig_close = cls.close
         is_async = cls is psycopg.AsyncConnection
@@ -61,8 +68,10 @@ class PsycopgIntegration(Integration):
 
             async def connect(cls: Any, conninfo: str = "", **kwargs: Any) -> Any:
                 kwargs = safe_call(integration.connect_kwargs, conninfo, kwargs, default=kwargs)
-                conn = await orig_connect(cls, conninfo, **kwargs)
-                safe_call(integration.connected, conn, sys._getframe(1), default=None)
+                started = monotonic()
+                conn = await connect_descriptor.__get__(None, cls)(conninfo, **kwargs)
+                caller = sys._getframe(1)
+                safe_call(integration.connected, conn, caller, started, default=None)
                 return conn
 
             async def wait(self: Any, gen: Any, *args: Any, **kwargs: Any) -> Any:
@@ -79,8 +88,10 @@ class PsycopgIntegration(Integration):
 
             def connect(cls: Any, conninfo: str = "", **kwargs: Any) -> Any:  # type: ignore[misc]
                 kwargs = safe_call(integration.connect_kwargs, conninfo, kwargs, default=kwargs)
-                conn = orig_connect(cls, conninfo, **kwargs)
-                safe_call(integration.connected, conn, sys._getframe(1), default=None)
+                started = monotonic()
+                conn = connect_descriptor.__get__(None, cls)(conninfo, **kwargs)
+                caller = sys._getframe(1)
+                safe_call(integration.connected, conn, caller, started, default=None)
                 return conn
 
             def wait(self: Any, gen: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
@@ -93,7 +104,8 @@ class PsycopgIntegration(Integration):
                 _closing(integration, self)
                 orig_close(self)
 
-        self.patcher.patch(cls, "connect", classmethod(cast(Any, wraps(orig_connect)(connect))))
+        wrapped = wraps(orig_connect)(connect) if orig_connect is not None else connect
+        self.patcher.patch(cls, "connect", classmethod(cast(Any, wrapped)))
         self.patcher.patch(cls, "wait", wraps(orig_wait)(wait))
         self.patcher.patch(cls, "close", wraps(orig_close)(close))
 
@@ -113,11 +125,21 @@ class PsycopgIntegration(Integration):
         new["application_name"] = tagging.application_name(user and str(user), config.service)
         return new
 
-    def connected(self, conn: Any, caller: FrameType) -> None:
+    def connected(self, conn: Any, caller: FrameType, started: float) -> None:
         """A physical connection was opened: track it unless a pool owns it."""
         _, pid, name = connection_meta(conn)
+        # Look through other instrumentations' wrappers to the code that asked.
+        while caller.f_back is not None and str(caller.f_globals.get("__name__")).startswith(
+            WRAPPER_MODULES
+        ):
+            caller = caller.f_back
         module = caller.f_globals.get("__name__", "")
         if isinstance(module, str) and module.startswith(POOL_MODULES):
+            telemetry = self.tracker.telemetry
+            if module.startswith("psycopg_pool") and telemetry is not None and telemetry.metrics_on:
+                # Only the pool's own frame knows which pool this connection is for.
+                pool = caller.f_locals.get("self")
+                telemetry.created(getattr(pool, "name", None), monotonic() - started)
             return  # a pool's connection: its integration tracks each checkout instead
         rec = self.tracker.begin(conn, "psycopg", backend_pid=pid, application_name=name, skip=2)
         conn.__dict__[CHECKOUT_ATTR] = rec

@@ -4,6 +4,7 @@ a PoolTimeout names the call-sites holding the pool's connections."""
 from __future__ import annotations
 
 from functools import wraps
+from time import monotonic
 from typing import Any
 
 from .._safety import record_internal_error
@@ -36,12 +37,13 @@ class PsycopgPoolIntegration(Integration):
         orig_putconn = cls.putconn
 
         def getconn(self: Any, timeout: float | None = None) -> Any:
+            started = monotonic()
             try:
                 conn = orig_getconn(self, timeout)
             except PoolTimeout as exc:
-                integration.explain_timeout(exc, self)
+                integration.explain_timeout(exc, self, started)
                 raise
-            integration.checked_out(conn, self)
+            integration.checked_out(conn, self, started)
             return conn
 
         def putconn(self: Any, conn: Any) -> None:
@@ -56,12 +58,13 @@ class PsycopgPoolIntegration(Integration):
         orig_putconn = cls.putconn
 
         async def getconn(self: Any, timeout: float | None = None) -> Any:
+            started = monotonic()
             try:
                 conn = await orig_getconn(self, timeout)
             except PoolTimeout as exc:
-                integration.explain_timeout(exc, self)
+                integration.explain_timeout(exc, self, started)
                 raise
-            integration.checked_out(conn, self)
+            integration.checked_out(conn, self, started)
             return conn
 
         async def putconn(self: Any, conn: Any) -> None:
@@ -76,8 +79,12 @@ class PsycopgPoolIntegration(Integration):
 
     # -- the glue -------------------------------------------------------------------------
 
-    def checked_out(self, conn: Any, pool: Any) -> None:
+    def checked_out(self, conn: Any, pool: Any, started: float) -> None:
         try:
+            telemetry = self.tracker.telemetry
+            if telemetry is not None and telemetry.metrics_on:
+                telemetry.waited(pool.name, monotonic() - started, timed_out=False)
+                telemetry.register_pool(pool.name, pool, pool_stats)
             conn_id, pid, name = connection_meta(conn)
             conn.__dict__[CHECKOUT_ATTR] = self.tracker.begin(
                 conn,
@@ -99,9 +106,12 @@ class PsycopgPoolIntegration(Integration):
         except Exception as exc:
             record_internal_error(exc)
 
-    def explain_timeout(self, exc: BaseException, pool: Any) -> None:
+    def explain_timeout(self, exc: BaseException, pool: Any, started: float) -> None:
         """Append the holders of ``pool`` to the PoolTimeout's own message, in place."""
         try:
+            telemetry = self.tracker.telemetry
+            if telemetry is not None and telemetry.metrics_on:
+                telemetry.waited(pool.name, monotonic() - started, timed_out=True)
 
             def ours(rec: Checkout) -> bool:
                 return rec.integration == INTEGRATION and rec.pool == pool.name
@@ -113,3 +123,14 @@ class PsycopgPoolIntegration(Integration):
             exc.args = (f"{text}\n{summary}", *exc.args[1:])
         except Exception as err:
             record_internal_error(err)
+
+
+def pool_stats(pool: Any) -> dict[str, int]:
+    """The pool's own figures for the OpenTelemetry instruments (``get_stats()``, no I/O)."""
+    stats = pool.get_stats()
+    return {
+        "idle": stats["pool_available"],
+        "max": stats["pool_max"],
+        "idle_min": stats["pool_min"],
+        "pending": stats["requests_waiting"],
+    }

@@ -44,6 +44,8 @@ _REC = "pgleakguard.checkout"  # in ConnectionPoolEntry.record_info, for one che
 _PID = "pgleakguard.backend_pid"  # in ConnectionPoolEntry.info, per DBAPI connection
 _APP = "pgleakguard.application_name"
 _TAG = "pgleakguard.retag"  # last application_name sent by retag_on_checkout
+_CREATED = "pgleakguard.create_time"  # seconds the DBAPI connect took, until reported
+_WAITED = "pgleakguard.wait_time"  # an engine's first wait, until its pool has a name
 _UNNAMED_POOL = "sqlalchemy"
 
 # Engines' pools -> report name (the engine's logging_name, or driver://host:port/db).
@@ -100,6 +102,8 @@ class SQLAlchemyIntegration(Integration):
         self._engines: weakref.WeakSet[Any] = weakref.WeakSet()
         self._seen_engines: weakref.WeakSet[Any] = weakref.WeakSet()
         self._detached: dict[int, Checkout] = {}
+        #: Threads/tasks inside Pool.connect per pool (pending requests), with metrics on.
+        self.waiting: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self.global_hooks = False
 
     # -- enabling -------------------------------------------------------------------------
@@ -139,8 +143,7 @@ class SQLAlchemyIntegration(Integration):
         self._listen(pool, "detach", self._on_detach)
         self._listen(pool, "close_detached", self._on_close_detached)
         self._listen(engine, "engine_connect", self._on_engine_connect)
-        if config.tag_application_name:
-            self._listen(engine, "do_connect", self._on_do_connect)
+        self._listen(engine, "do_connect", self._on_do_connect)
         if config.sql_comments:
             self._listen(engine, "before_cursor_execute", self._add_comment, retval=True)
 
@@ -152,11 +155,30 @@ class SQLAlchemyIntegration(Integration):
 
         @wraps(original)
         def connect(pool: Any) -> Any:
+            telemetry = integration.tracker.telemetry
+            if telemetry is None or not telemetry.metrics_on:
+                try:
+                    return original(pool)
+                except exc.TimeoutError as error:
+                    integration.explain_timeout(error, pool)
+                    raise
+            started = monotonic()
+            waiting = integration.waiting
+            waiting[pool] = waiting.get(pool, 0) + 1
             try:
-                return original(pool)
+                fairy = original(pool)
             except exc.TimeoutError as error:
+                telemetry.waited(_pool_names.get(pool), monotonic() - started, timed_out=True)
                 integration.explain_timeout(error, pool)
                 raise
+            finally:
+                waiting[pool] -= 1
+            name = _pool_names.get(pool)
+            if name is None:  # an engine's first connect: engine_connect reports it
+                fairy.info[_WAITED] = monotonic() - started
+            else:
+                telemetry.waited(name, monotonic() - started, timed_out=False)
+            return fairy
 
         self.patcher.patch(Pool, "connect", connect)
 
@@ -164,6 +186,9 @@ class SQLAlchemyIntegration(Integration):
 
     def _on_do_connect(self, dialect: Any, conn_rec: Any, cargs: Any, cparams: Any) -> None:
         with guard():
+            conn_rec.info[_CREATED] = monotonic()
+            if not self.tracker.config.tag_application_name:
+                return
             if dialect.driver == "asyncpg":
                 settings = dict(cparams.get("server_settings") or {})
                 user = settings.get("application_name")
@@ -178,6 +203,9 @@ class SQLAlchemyIntegration(Integration):
 
     def _on_connect(self, dbapi_connection: Any, connection_record: Any) -> None:
         with guard():
+            started = connection_record.info.get(_CREATED)
+            if isinstance(started, float):  # reported by engine_connect, which knows the pool
+                connection_record.info[_CREATED] = (monotonic() - started,)
             connection_record.info[_PID] = backend_pid(dbapi_connection)
             connection_record.info[_APP] = application_name_of(dbapi_connection)
 
@@ -244,6 +272,28 @@ class SQLAlchemyIntegration(Integration):
             rec = _checkout_of(conn)
             if rec is not None and rec.pool == _UNNAMED_POOL:
                 rec.pool = name
+            telemetry = self.tracker.telemetry
+            if telemetry is not None and telemetry.metrics_on:
+                telemetry.register_pool(name, engine.pool, self.pool_stats)
+                info = conn.connection.info
+                created = info.pop(_CREATED, None)
+                if isinstance(created, tuple):
+                    telemetry.created(name, created[0])
+                waited = info.pop(_WAITED, None)
+                if waited is not None:
+                    telemetry.waited(name, waited, timed_out=False)
+
+    def pool_stats(self, pool: Any) -> dict[str, int]:
+        """The pool's own figures for the OpenTelemetry instruments (no I/O)."""
+        stats = {"pending": self.waiting.get(pool, 0)}
+        if hasattr(pool, "checkedin"):
+            stats["idle"] = pool.checkedin()
+        if hasattr(pool, "size") and hasattr(pool, "_max_overflow"):
+            # QueuePool exposes size() but keeps max_overflow private; -1 means unlimited.
+            stats["idle_max"] = pool.size()
+            if pool._max_overflow >= 0:
+                stats["max"] = pool.size() + pool._max_overflow
+        return stats
 
     def _hook_transactions(self, engine: Any) -> None:
         # psycopg 3 reports its transaction state itself (the psycopg integration's wait()

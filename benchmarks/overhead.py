@@ -253,6 +253,13 @@ def installed_quietly(opts: dict[str, Any]) -> _runtime.Installed:
     return state
 
 
+def tracked(rec: Checkout | None) -> Checkout:
+    """``rec``, which must be a tracked checkout (``begin`` returns None over its limit)."""
+    if rec is None:
+        raise SystemExit("benchmark bug: a checkout was not tracked (max_open_checkouts?)")
+    return rec
+
+
 def begin_many(tracker: Tracker, objs: list[Dummy], out: list[Checkout | None]) -> None:
     begin = tracker.begin
     for i, obj in enumerate(objs):
@@ -293,7 +300,7 @@ def bytes_per_checkout(chain: Chain, opts: dict[str, Any]) -> tuple[float, list[
     objs = [Dummy() for _ in range(OPEN_CHECKOUTS)]
     recs: list[Checkout | None] = [None] * OPEN_CHECKOUTS
     warm = Dummy()
-    tracker.end(chain(lambda: tracker.begin(warm, "bench")))  # watchdog thread, caches
+    tracker.end(tracked(chain(lambda: tracker.begin(warm, "bench"))))  # watchdog thread, caches
     gc.collect()
     tracemalloc.start()
     try:
@@ -358,13 +365,15 @@ def breakdown(bench: PoolBench, reps: int) -> list[tuple[str, float | None]]:
     obj = Dummy()
     depth = tracker.config.stack_depth
     registry = Registry()
-    sample_rec = tracker.begin(obj, "bench")
+    sample_rec = tracked(tracker.begin(obj, "bench"))
     tracker.end(sample_rec)
 
     def begin_end(n: int) -> None:
         begin, end = tracker.begin, tracker.end
         for _ in range(n):
-            end(begin(obj, "bench"))
+            rec = begin(obj, "bench")
+            if rec is not None:
+                end(rec)
 
     def capture_full(n: int) -> None:
         cap = callsite.capture
@@ -472,13 +481,13 @@ def breakdown(bench: PoolBench, reps: int) -> list[tuple[str, float | None]]:
         for _ in range(n):
             t(conn)
 
-    tracked = piece(begin_end)
+    begin_end_ns = piece(begin_end)
     rows: list[tuple[str, float | None]] = [
         ("getconn+putconn, bare", bare),
         ("getconn+putconn, instrumented", instrumented),
-        ("  psycopg_pool wrappers and glue (the difference)", instrumented - bare - tracked),
+        ("  psycopg_pool wrappers and glue (the difference)", instrumented - bare - begin_end_ns),
         ("    of which connection_meta(conn) (cached)", piece(meta)),
-        ("  tracker.begin + tracker.end", tracked),
+        ("  tracker.begin + tracker.end", begin_end_ns),
         (f"    callsite.capture({depth} frames)", piece(capture_full)),
         ("    callsite.capture(1 frame)", piece(capture_one)),
         ("    Checkout() + 21 field stores", piece(record_fields)),

@@ -12,7 +12,7 @@ from . import _safety, callsite
 from .config import Config
 from .events import NEVER_CLOSED, SUSPECTED_KINDS, CheckoutInfo
 from .integrations import Integration, enable
-from .sinks import Dispatcher, sinks_for
+from .sinks import Delivery, Dispatcher, sinks_for
 from .tracker import Tracker
 from .watchdog import Watchdog
 
@@ -26,7 +26,8 @@ class Installed:
         self.config = config
         self.dispatcher = Dispatcher(sinks_for(config))
         self.tracker = Tracker(config, self.dispatcher)
-        self.watchdog = Watchdog(self.tracker)
+        self.delivery = Delivery(self.dispatcher)
+        self.watchdog = Watchdog(self.tracker, self.delivery.put)
         self.tracker._on_begin = self.watchdog.ensure_started
         if config.otel:
             from .otel import Telemetry
@@ -91,6 +92,7 @@ def _uninstall_locked() -> None:
         with _safety.guard():
             integration.teardown()
     state.watchdog.stop()
+    state.delivery.stop(timeout=2.0)
     state.tracker.flush()
 
 
@@ -122,6 +124,7 @@ def check() -> None:
     """Run one watchdog scan now and deliver every pending event (tests, shutdown hooks)."""
     state = _state
     if state is not None:
+        state.delivery.drain(timeout=10.0)
         state.watchdog.scan()
         state.tracker.flush()
 
@@ -135,6 +138,8 @@ def stats() -> dict[str, Any]:
         "open_checkouts": len(state.tracker.registry) if state is not None else 0,
         "leaks": dict(state.tracker.leak_counts) if state is not None else {},
         "watchdog_scans": state.watchdog.scans if state is not None else 0,
+        "untracked_checkouts": state.tracker.untracked if state is not None else 0,
+        "dropped_events": state.delivery.dropped if state is not None else 0,
     }
 
 
@@ -143,6 +148,7 @@ def _after_fork_in_child() -> None:
     if state is not None:
         state.tracker.reset_after_fork()
         state.watchdog.reset_after_fork()
+        state.delivery.reset_after_fork()
 
 
 def _at_exit() -> None:
@@ -151,6 +157,7 @@ def _at_exit() -> None:
         return
     with _safety.guard():
         state.watchdog.stop()
+        state.delivery.stop(timeout=2.0)
         for rec in state.tracker.registry.snapshot():
             if not rec.closed and all(kind in SUSPECTED_KINDS for kind in rec.reported):
                 state.tracker.report(rec, NEVER_CLOSED)

@@ -21,6 +21,10 @@ _BOOLEANS = (
     "otel",
     "otel_checkout_spans",
 )
+_WHOLE_NUMBERS = {
+    "stack_depth": (1, 1000, "a whole number of frames from 1 to 1000"),
+    "max_open_checkouts": (1, 10_000_000, "a whole number from 1 to 10000000"),
+}
 _OBJECTS = ("on_leak", "meter_provider", "tracer_provider")  # keyword only, never from env
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TRUE = ("1", "true", "yes", "on")
@@ -58,6 +62,8 @@ class Config:
     #: SQLAlchemy: put the checkout's call-site in application_name at each checkout
     #: (one ``SET`` round trip, only when the tag changes, never inside a transaction).
     retag_on_checkout: bool = False
+    #: At most this many open checkouts are tracked (memory stays bounded); more are counted.
+    max_open_checkouts: int = 100_000
     #: OpenTelemetry pool metrics and leak spans (recorded once an SDK is configured).
     otel: bool = True
     #: OpenTelemetry: also a span per checkout, from checkout to return.
@@ -106,14 +112,15 @@ def _convert(name: str, value: Any, from_env: str | None) -> Any:
         if isinstance(value, bool) or not number > 0 or number != number or number == float("inf"):
             raise _bad(name, value, "a positive number of seconds, e.g. 30 or 0.5", from_env)
         return number
-    if name == "stack_depth":
+    if name in _WHOLE_NUMBERS:
+        low, high, accepted = _WHOLE_NUMBERS[name]
         try:
-            depth = int(value)
+            number = int(value)
         except (TypeError, ValueError):
-            depth = 0
-        if isinstance(value, (bool, float)) or not 1 <= depth <= 1000:
-            raise _bad(name, value, "a whole number of frames from 1 to 1000", from_env)
-        return depth
+            number = low - 1
+        if isinstance(value, (bool, float)) or not low <= number <= high:
+            raise _bad(name, value, accepted, from_env)
+        return number
     if name in _BOOLEANS:
         if isinstance(value, bool):
             return value

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections import deque
 from typing import Callable
 
 from ._safety import guard
@@ -50,6 +51,74 @@ class Dispatcher:
         for sink in self.sinks:
             with guard():
                 sink(event)
+
+
+class Delivery:
+    """A daemon thread that hands events to the sinks, so a slow or stuck sink never delays
+    the watchdog's scans. The queue is bounded: past ``limit`` events are dropped, counted."""
+
+    def __init__(self, dispatch: Sink, limit: int = 10_000) -> None:
+        self._dispatch = dispatch
+        self._limit = limit
+        self._queue: deque[Event] = deque()
+        self._busy = 0
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        #: Events dropped because the queue was full.
+        self.dropped = 0
+
+    def put(self, event: Event) -> None:
+        with self._cond:
+            if len(self._queue) >= self._limit:
+                self.dropped += 1
+                return
+            self._queue.append(event)
+            self._cond.notify()
+            if self._thread is None:
+                self._stop = False
+                self._thread = threading.Thread(
+                    target=self._run, name="pgleakguard-sinks", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stop:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                event = self._queue.popleft()
+                self._busy += 1
+            try:
+                self._dispatch(event)
+            finally:
+                with self._cond:
+                    self._busy -= 1
+                    self._cond.notify_all()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every queued event was delivered; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
+
+    def stop(self, timeout: float) -> None:
+        """Deliver what is queued (up to ``timeout``), then end the thread."""
+        self.drain(timeout)
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+            thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def reset_after_fork(self) -> None:
+        """In a forked child the thread is gone and the queue is the parent's."""
+        self._queue.clear()
+        self._busy = 0
+        self._cond = threading.Condition()
+        self._thread = None
 
 
 def sinks_for(config: Config) -> list[Sink]:

@@ -18,7 +18,7 @@ from time import monotonic, time
 from typing import Any, Callable
 
 from . import callsite as _callsite
-from ._safety import guard
+from ._safety import guard, logger
 from .callsite import Stack
 from .config import Config
 from .events import (
@@ -205,6 +205,9 @@ class Tracker:
         self.telemetry: Any = None
         #: Leak events delivered so far, by kind.
         self.leak_counts: dict[str, int] = {}
+        self._max_open = config.max_open_checkouts
+        #: Checkouts not tracked because max_open_checkouts were open.
+        self.untracked = 0
         #: Recent checkouts whose connection was garbage collected: a pool never gets
         #: those back, so its timeout message names them too.
         self.collected: deque[Checkout] = deque(maxlen=1000)
@@ -220,8 +223,14 @@ class Tracker:
         application_name: str | None = None,
         connection_id: int | None = None,
         skip: int = 1,
-    ) -> Checkout:
-        """Start a checkout of ``conn`` by the calling code. ``skip`` frames are ours."""
+    ) -> Checkout | None:
+        """Start a checkout of ``conn`` by the calling code. ``skip`` frames are ours.
+
+        Returns ``None`` (not tracked) once ``max_open_checkouts`` are open.
+        """
+        if len(self.registry) >= self._max_open:
+            self._overflowed()
+            return None
         rec = Checkout()
         rec.id = next(self._ids)
         rec.stack = _callsite.capture(self._depth, skip + 1)
@@ -258,6 +267,15 @@ class Tracker:
         if telemetry is not None and telemetry.traces_on:
             telemetry.checked_out(rec)
         return rec
+
+    def _overflowed(self) -> None:
+        self.untracked += 1
+        if self.untracked == 1:
+            logger.warning(
+                "pgleakguard: %d checkouts are open; new ones are not tracked until some are "
+                "returned (raise max_open_checkouts if this is expected); stats() counts them",
+                self._max_open,
+            )
 
     def end(self, rec: Checkout) -> None:
         """The checkout is over: the connection was returned or closed.
@@ -297,8 +315,10 @@ class Tracker:
         self._pending.append((kind, rec, details))
         return True
 
-    def flush(self) -> None:
-        """Turn queued findings into events and hand them to the sinks, in order."""
+    def flush(self, deliver: Callable[[Event], None] | None = None) -> None:
+        """Turn queued findings into events and hand them, in order, to ``deliver``
+        (default: straight to the sinks, in the calling thread)."""
+        deliver = deliver or self._dispatch
         while True:
             try:
                 kind, rec, details = self._pending.popleft()
@@ -312,7 +332,7 @@ class Tracker:
                         rec.reported += (kind,)
                     event = self.leak_event(rec, kind, details)
                     self.leak_counts[kind] = self.leak_counts.get(kind, 0) + 1
-                self._dispatch(event)
+                deliver(event)
 
     def leak_event(
         self, rec: Checkout, kind: str, details: dict[str, Any] | None = None

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import threading
 from time import monotonic
+from typing import Callable
 
 from ._safety import guard
-from .events import HELD_TOO_LONG, IDLE_IN_TRANSACTION, OWNER_EXITED
+from .events import HELD_TOO_LONG, IDLE_IN_TRANSACTION, OWNER_EXITED, Event
 from .tracker import TX_INERROR, TX_INTRANS, TX_UNKNOWN, Tracker
 
 
 class Watchdog:
     """Scans open checkouts on a schedule; started lazily, restarted after fork."""
 
-    def __init__(self, tracker: Tracker) -> None:
+    def __init__(self, tracker: Tracker, deliver: Callable[[Event], None] | None = None) -> None:
         self.tracker = tracker
+        self._deliver = deliver
         cfg = tracker.config
         self.leak_threshold = cfg.leak_threshold
         self.idle_threshold = cfg.idle_in_transaction_threshold
@@ -67,7 +69,7 @@ class Watchdog:
             with guard():
                 self.scan()
             with guard():
-                self.tracker.flush()
+                self.tracker.flush(self._deliver)
 
     def scan(self) -> None:
         """Look at every open checkout once and report what crossed a line."""

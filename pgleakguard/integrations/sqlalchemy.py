@@ -221,6 +221,8 @@ class SQLAlchemyIntegration(Integration):
                 connection_id=id(connection_record),
                 skip=1,
             )
+            if rec is None:
+                return
             connection_record.record_info[_REC] = rec
             driver = _driver(dbapi_connection)
             if hasattr(driver, "__dict__"):  # psycopg 3: its wait() hook follows the state

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from threading import current_thread
-from time import monotonic, perf_counter, thread_time, time
+from time import monotonic, perf_counter, thread_time
 from types import CodeType, FrameType
 from typing import Any, Callable
 
@@ -398,7 +398,6 @@ def breakdown(bench: PoolBench, reps: int) -> list[tuple[str, float | None]]:
             rec.application_name = None
             rec.service = None
             rec.started = rec.last_activity = 0.0
-            rec.started_wall = 0.0
             rec.owner_is_task = False
             rec.owner_name = "MainThread"
             rec.owner = None
@@ -406,13 +405,12 @@ def breakdown(bench: PoolBench, reps: int) -> list[tuple[str, float | None]]:
             rec.trace_id = rec.span_id = None
             rec.reported = ()
             rec.closed = False
-            rec.details = None
+            rec.details = rec.span = None
             rec.conn_ref = None
 
     def clocks(n: int) -> None:
         for _ in range(n):
             monotonic()
-            time()
 
     def owner(n: int) -> None:
         loop = asyncio.events._get_running_loop
@@ -490,11 +488,11 @@ def breakdown(bench: PoolBench, reps: int) -> list[tuple[str, float | None]]:
         ("  tracker.begin + tracker.end", begin_end_ns),
         (f"    callsite.capture({depth} frames)", piece(capture_full)),
         ("    callsite.capture(1 frame)", piece(capture_one)),
-        ("    Checkout() + 21 field stores", piece(record_fields)),
+        (f"    Checkout() + {len(Checkout.__slots__)} field stores", piece(record_fields)),
         ("    _ConnRef(conn, callback) + .checkout", piece(refs)),
         ("    owner: loop check, current_thread, name, weakref", piece(owner)),
-        ("    monotonic() + time()", piece(clocks)),
-        ("    Registry add + remove (lock twice)", piece(registry_ops)),
+        ("    monotonic()", piece(clocks)),
+        ("    Registry add + remove", piece(registry_ops)),
         ("    watchdog.ensure_started()", piece(watchdog_check)),
         ("psycopg wait hook (_touch), per query round trip", piece(touch)),
         ("for comparison (not pgleakguard code):", None),
@@ -510,21 +508,20 @@ def breakdown(bench: PoolBench, reps: int) -> list[tuple[str, float | None]]:
 def memory_breakdown(rec: Checkout) -> list[tuple[str, int]]:
     """Stack length, then sys.getsizeof of what one open checkout keeps alive by itself."""
     small = range(-5, 257)
-    stack_tuples = sum(sys.getsizeof(frame) for frame in rec.stack)
-    linenos = sum(sys.getsizeof(line) for _, line in rec.stack if line not in small)
+    offsets = rec.stack[1::2]  # the stack is flat: (code, lasti, code, lasti, ...)
+    lasti_ints = sum(sys.getsizeof(v) for v in offsets if v not in small)
     numbers = sum(
         sys.getsizeof(v)
         for v in (rec.id, rec.connection_id)
         if isinstance(v, int) and v not in small
     )
     return [
-        ("frames", len(rec.stack)),
+        ("frames", len(offsets)),
         (f"Checkout object ({len(Checkout.__slots__)} slots)", sys.getsizeof(rec)),
-        (f"stack tuple ({len(rec.stack)} entries)", sys.getsizeof(rec.stack)),
-        (f"{len(rec.stack)} (code, lineno) tuples", stack_tuples),
-        ("line-number ints (> 256)", linenos),
+        (f"stack tuple ({len(rec.stack)} entries: code, lasti, ...)", sys.getsizeof(rec.stack)),
+        ("bytecode-offset ints (> 256)", lasti_ints),
         ("_ConnRef weakref", sys.getsizeof(rec.conn_ref)),
-        ("started / started_wall floats", 2 * sys.getsizeof(0.5)),
+        ("started / last_activity floats", 2 * sys.getsizeof(0.5)),
         ("id / connection_id ints", numbers),
     ]
 

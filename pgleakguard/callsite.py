@@ -1,11 +1,14 @@
 """Call-site and acquisition-stack capture.
 
-The hot path keeps frames as ``(code, lineno)`` tuples: no strings, no frame objects (which
-would keep locals, and so connections, alive). Rendering happens only for reports.
+The hot path keeps a stack as one flat tuple ``(code, lasti, code, lasti, ...)``: no
+strings, no line-number lookups, no frame objects (which would keep locals, and so
+connections, alive). Line numbers, the library-frame filter and the text are worked out
+only when a report is made.
 """
 
 from __future__ import annotations
 
+import dis
 import linecache
 import os
 import sys
@@ -13,8 +16,8 @@ from dataclasses import dataclass
 from types import CodeType, FrameType
 from typing import Any
 
-Frame = tuple[CodeType, int]
-Stack = tuple[Frame, ...]
+#: ``(code, lasti, code, lasti, ...)``, most recent call first.
+Stack = tuple[Any, ...]
 
 #: Modules whose frames are never the call-site: ours and the libraries we hook.
 LIBRARY_MODULES: tuple[str, ...] = (
@@ -59,7 +62,7 @@ def _is_library(frame: FrameType) -> bool:
 
 
 def capture(depth: int, skip: int = 1) -> Stack:
-    """Application frames from the call-site outwards (most recent first), at most ``depth``.
+    """``depth`` frames from the call-site outwards, most recent first, as a flat tuple.
 
     The call-site is the first frame, walking out from the caller, whose module is not in
     the library filter. SQLAlchemy's asyncio layer runs the pool inside a greenlet whose
@@ -67,29 +70,32 @@ def capture(depth: int, skip: int = 1) -> Stack:
     application's ``await`` is.
     """
     frame: FrameType | None = sys._getframe(skip + 1)
-    is_library = _is_library
+    known = _library_code
     glet: Any = None
     while True:
-        while frame is not None and is_library(frame):
+        while frame is not None:
+            library = known.get(frame.f_code)
+            if library is None:
+                library = _is_library(frame)
+            if not library:
+                break
             frame = frame.f_back
         if frame is not None:
             break
         frame, glet = _parent_greenlet_frame(glet)
         if glet is None:
             break
-    out: list[Frame] = []
+    out: list[Any] = []
     append = out.append
     while depth:
         if frame is None:
             frame, glet = _parent_greenlet_frame(glet)
             if frame is None:
                 break
-        # Library frames (event loop, thread bootstrap, ORM internals) only hide the
-        # application's own path: keep the application's frames.
-        if not is_library(frame):
-            append((frame.f_code, frame.f_lineno))
-            depth -= 1
+        append(frame.f_code)
+        append(frame.f_lasti)
         frame = frame.f_back
+        depth -= 1
     return tuple(out)
 
 
@@ -126,18 +132,52 @@ class CallSite:
 UNKNOWN = CallSite("<unknown>", 0, "<unknown>")
 
 
+_sites: dict[tuple[CodeType, int], CallSite] = {}
+
+
 def callsite_of(stack: Stack) -> CallSite:
     """The call-site (first frame) of a captured stack."""
     if not stack:
         return UNKNOWN
-    code, line = stack[0]
-    return CallSite(code.co_filename, line, code.co_name)
+    key = (stack[0], stack[1])
+    site = _sites.get(key)
+    if site is None:
+        code = stack[0]
+        site = CallSite(code.co_filename, line_of(code, stack[1]), code.co_name)
+        if len(_sites) >= _CACHE_LIMIT:
+            _sites.clear()
+        _sites[key] = site
+    return site
 
 
-def frames_of(stack: Stack | list[Frame]) -> list[dict[str, object]]:
-    """Render a stack as JSON-ready frames, most recent first."""
+def line_of(code: CodeType, lasti: int) -> int:
+    """The line number of bytecode offset ``lasti`` in ``code`` (what ``f_lineno`` says)."""
+    if hasattr(code, "co_lines"):  # Python 3.10+
+        for start, end, line in code.co_lines():
+            if start <= lasti < end:
+                return line if line is not None else code.co_firstlineno
+        return code.co_firstlineno
+    line = code.co_firstlineno
+    for offset, number in dis.findlinestarts(code):
+        if offset > lasti:
+            break
+        line = number
+    return line
+
+
+def frames_of(stack: Stack) -> list[dict[str, object]]:
+    """Render a stack as JSON-ready frames, most recent first.
+
+    Library frames past the call-site (event loop, thread bootstrap, ORM internals) are left
+    out: they only hide the application's own path.
+    """
     out: list[dict[str, object]] = []
-    for code, line in stack:
+    library = _library_files()
+    for i in range(0, len(stack) - 1, 2):
+        code, lasti = stack[i], stack[i + 1]
+        if i and code.co_filename.startswith(library):
+            continue
+        line = line_of(code, lasti)
         source = linecache.getline(code.co_filename, line).strip()
         out.append(
             {"file": code.co_filename, "line": line, "function": code.co_name, "code": source}
@@ -145,13 +185,30 @@ def frames_of(stack: Stack | list[Frame]) -> list[dict[str, object]]:
     return out
 
 
-def frames_from_live(frame: FrameType | None, depth: int) -> list[Frame]:
-    """``(code, lineno)`` pairs of a live frame chain (a holder's current stack)."""
-    out: list[Frame] = []
-    while frame is not None and len(out) < depth:
-        out.append((frame.f_code, frame.f_lineno))
+def _library_files() -> tuple[str, ...]:
+    """File-name prefixes of the library modules that are imported now."""
+    prefixes: list[str] = []
+    for name in _prefixes:
+        module = sys.modules.get(name)
+        if module is None:
+            continue
+        paths = list(getattr(module, "__path__", []) or [])
+        if paths:
+            prefixes.extend(os.path.join(p, "") for p in paths)
+        elif getattr(module, "__file__", None):
+            prefixes.append(str(module.__file__))
+    return tuple(prefixes)
+
+
+def frames_from_live(frame: FrameType | None, depth: int) -> Stack:
+    """A live frame chain (a holder's current stack) in the captured-stack form."""
+    out: list[Any] = []
+    while frame is not None and depth:
+        out.append(frame.f_code)
+        out.append(frame.f_lasti)
         frame = frame.f_back
-    return out
+        depth -= 1
+    return tuple(out)
 
 
 def render_frames(frames: list[dict[str, object]], indent: str = "    ") -> str:

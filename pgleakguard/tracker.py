@@ -40,6 +40,10 @@ CHECKOUT_ATTR = "_pgleakguard_checkout"
 _get_running_loop = asyncio.events._get_running_loop
 _current_task = asyncio.current_task
 _current_thread = threading.current_thread
+_weakref = weakref.ref
+# Per thread: (weakref to the Thread, its name), made at the thread's first checkout.
+_thread_owner = threading.local()
+_capture = _callsite.capture
 _main_thread = threading.main_thread()
 
 
@@ -59,7 +63,6 @@ class Checkout:
         "service",
         "stack",
         "started",
-        "started_wall",
         "owner",
         "owner_is_task",
         "owner_name",
@@ -83,7 +86,6 @@ class Checkout:
     service: str | None
     stack: Stack
     started: float
-    started_wall: float
     owner: weakref.ref[Any] | None
     owner_is_task: bool
     owner_name: str
@@ -129,12 +131,12 @@ class Checkout:
             "holder": self.owner_name,
             "holder_kind": "task" if self.owner_is_task else "thread",
             "holder_alive": self.owner_alive(),
-            "started_at": self.started_wall,
+            "started_at": time() - (now - self.started),
             "trace_id": self.trace_id,
             "span_id": self.span_id,
         }
 
-    def holder_frames(self, depth: int) -> list[_callsite.Frame] | None:
+    def holder_frames(self, depth: int) -> _callsite.Stack | None:
         """What the holder is running now: a live thread's frames or a pending task's."""
         owner = self.owner_object()
         if owner is None:
@@ -142,16 +144,15 @@ class Checkout:
         if self.owner_is_task:
             if owner.done():
                 return None
-            frames: list[_callsite.Frame] = []
+            frames: list[Any] = []
             coro: Any = owner.get_coro()
-            while coro is not None and len(frames) < depth:
+            while coro is not None and len(frames) < 2 * depth:
                 frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
                 if frame is None:
                     break
-                frames.append((frame.f_code, frame.f_lineno))
+                frames[:0] = [frame.f_code, frame.f_lasti]  # innermost await first
                 coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
-            frames.reverse()  # innermost await first, like a live thread's stack
-            return frames
+            return tuple(frames)
         if not owner.is_alive() or owner.ident is None:
             return None
         return _callsite.frames_from_live(sys._current_frames().get(owner.ident), depth)
@@ -165,24 +166,24 @@ class _ConnRef(weakref.ref):  # type: ignore[type-arg]
 
 
 class Registry:
-    """The open checkouts: O(1) add/remove, thread-safe, no strong refs to user objects."""
+    """The open checkouts: O(1) add/remove, no strong refs to user objects.
+
+    Each operation is one dict operation, atomic under the GIL (and per-object locked on
+    free-threaded builds), so the hot path takes no lock of ours.
+    """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._open: dict[int, Checkout] = {}
 
     def add(self, checkout: Checkout) -> None:
-        with self._lock:
-            self._open[checkout.id] = checkout
+        self._open[checkout.id] = checkout
 
     def remove(self, checkout: Checkout) -> bool:
         """Remove ``checkout``; False if it was not there (already removed)."""
-        with self._lock:
-            return self._open.pop(checkout.id, None) is not None
+        return self._open.pop(checkout.id, None) is not None
 
     def snapshot(self) -> list[Checkout]:
-        with self._lock:
-            return list(self._open.values())
+        return list(self._open.copy().values())
 
     def __len__(self) -> int:
         return len(self._open)
@@ -201,6 +202,8 @@ class Tracker:
         self._pending: deque[tuple[str, Checkout, dict[str, Any] | None]] = deque()
         self._depth = config.stack_depth if config.capture_stack else 1
         self._on_begin: Callable[[], None] | None = None
+        self._watching = False
+        self._service = config.service
         #: The OpenTelemetry layer (pgleakguard.otel.Telemetry), when enabled.
         self.telemetry: Any = None
         #: Leak events delivered so far, by kind.
@@ -228,45 +231,51 @@ class Tracker:
 
         Returns ``None`` (not tracked) once ``max_open_checkouts`` are open.
         """
-        if len(self.registry) >= self._max_open:
+        open_ = self.registry._open
+        if len(open_) >= self._max_open:
             self._overflowed()
             return None
         rec = Checkout()
-        rec.id = next(self._ids)
-        rec.stack = _callsite.capture(self._depth, skip + 1)
+        rec.id = checkout_id = next(self._ids)
+        rec.stack = _capture(self._depth, skip + 1)
         rec.connection_id = id(conn) if connection_id is None else connection_id
         rec.integration = integration
         rec.pool = pool
         rec.backend_pid = backend_pid
         rec.application_name = application_name
-        rec.service = self.config.service
+        rec.service = self._service
         rec.started = rec.last_activity = monotonic()
-        rec.started_wall = time()
-        owner: Any = None
-        if _get_running_loop() is not None:
-            owner = _current_task()
-        if owner is None:
-            owner = _current_thread()
+        task: Any = _current_task() if _get_running_loop() is not None else None
+        if task is None:
+            try:
+                rec.owner, rec.owner_name = _thread_owner.value
+            except AttributeError:  # this thread's first checkout
+                thread = _current_thread()
+                _thread_owner.value = (_weakref(thread), thread.name)
+                rec.owner, rec.owner_name = _thread_owner.value
             rec.owner_is_task = False
-            rec.owner_name = owner.name
         else:
             rec.owner_is_task = True
-            rec.owner_name = owner.get_name()
-        rec.owner = weakref.ref(owner)
-        rec.tx_status = None
-        rec.trace_id = rec.span_id = None
+            rec.owner_name = task.get_name()
+            rec.owner = _weakref(task)
+        rec.tx_status = rec.trace_id = rec.span_id = rec.details = rec.span = None
         rec.reported = ()
         rec.closed = False
-        rec.details = rec.span = None
         ref = rec.conn_ref = _ConnRef(conn, self._collected)
         ref.checkout = rec
-        self.registry.add(rec)
-        if self._on_begin is not None:
-            self._on_begin()
+        open_[checkout_id] = rec  # a single dict store: atomic, no lock needed
+        if not self._watching:
+            self._start_watching()
         telemetry = self.telemetry
         if telemetry is not None and telemetry.traces_on:
             telemetry.checked_out(rec)
         return rec
+
+    def _start_watching(self) -> None:
+        # The first checkout starts the watchdog (again after a fork or a stop).
+        self._watching = True
+        if self._on_begin is not None:
+            self._on_begin()
 
     def _overflowed(self) -> None:
         self.untracked += 1
@@ -289,7 +298,7 @@ class Tracker:
             return
         rec.closed = True
         rec.conn_ref = None
-        if self.registry.remove(rec) and rec.reported:
+        if self.registry._open.pop(rec.id, None) is not None and rec.reported:
             self._pending.append(("returned", rec, None))
         telemetry = self.telemetry
         if telemetry is not None and (telemetry.metrics_on or rec.span is not None):
@@ -369,9 +378,10 @@ class Tracker:
         return [CheckoutInfo(**r.info(now)) for r in recs]
 
     def reset_after_fork(self) -> None:
-        """In a forked child: the parent's checkouts are not ours."""
+        """In a forked child: the parent's checkouts are not ours; no watchdog runs yet."""
         self.registry = Registry()
         self._pending.clear()
+        self._watching = False
 
 
 def touch(conn: Any, tx_status: int) -> None:

@@ -147,13 +147,13 @@ class PsycopgIntegration(Integration):
 
 def _touch(conn: Any) -> None:
     # After every operation, in the user's own thread: the only safe place to read pgconn.
-    try:
-        rec = conn.__dict__.get(CHECKOUT_ATTR)
-        if rec is not None:
+    rec = conn.__dict__.get(CHECKOUT_ATTR)
+    if rec is not None:
+        try:
             rec.last_activity = monotonic()
             rec.tx_status = conn.pgconn.transaction_status
-    except Exception as exc:
-        record_internal_error(exc)
+        except Exception as exc:
+            record_internal_error(exc)
 
 
 def _closing(integration: PsycopgIntegration, conn: Any) -> None:

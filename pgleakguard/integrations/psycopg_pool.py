@@ -17,7 +17,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without psycopg_pool
     raise DidNotEnable("psycopg_pool is not installed") from exc
 
-from .psycopg import connection_meta
+from .psycopg import META_ATTR, connection_meta
 
 INTEGRATION = "psycopg_pool"
 
@@ -81,19 +81,15 @@ class PsycopgPoolIntegration(Integration):
 
     def checked_out(self, conn: Any, pool: Any, started: float) -> None:
         try:
-            telemetry = self.tracker.telemetry
+            tracker = self.tracker
+            telemetry = tracker.telemetry
             if telemetry is not None and telemetry.metrics_on:
                 telemetry.waited(pool.name, monotonic() - started, timed_out=False)
                 telemetry.register_pool(pool.name, pool, pool_stats)
-            conn_id, pid, name = connection_meta(conn)
-            conn.__dict__[CHECKOUT_ATTR] = self.tracker.begin(
-                conn,
-                INTEGRATION,
-                pool=pool.name,
-                backend_pid=pid,
-                application_name=name,
-                connection_id=conn_id,
-                skip=2,
+            attrs = conn.__dict__
+            conn_id, pid, name = attrs.get(META_ATTR) or connection_meta(conn)
+            attrs[CHECKOUT_ATTR] = tracker.begin(
+                conn, INTEGRATION, pool.name, pid, name, conn_id, 2
             )
         except Exception as exc:
             record_internal_error(exc)

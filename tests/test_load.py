@@ -66,13 +66,9 @@ def test_injected_leaks_are_all_reported_and_nothing_else(
         pgleakguard.check()
         leaks = events.leaks()
         assert errors == []
-        expected = sorted(
-            (how, f"w{me}") for (me, _), how in plan.items()
-        )
+        expected = sorted((how, f"w{me}") for (me, _), how in plan.items())
         kinds = {"kept": "owner_exited", "dropped": "garbage_collected"}
-        got = sorted(
-            (next(h for h, k in kinds.items() if k == e.kind), e.holder) for e in leaks
-        )
+        got = sorted((next(h for h, k in kinds.items() if k == e.kind), e.holder) for e in leaks)
         assert got == expected  # recall and precision: 100%
         lines = {"owner_exited": "load-kept", "garbage_collected": "load-dropped"}
         for event in leaks:

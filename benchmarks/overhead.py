@@ -73,6 +73,7 @@ OPEN_CHECKOUTS = 10_000
 
 TARGET_GETPUT = 1.25
 TARGET_QUERY = 1.03
+TARGET_COMMENTS = 1.05
 TARGET_SCAN_MS = 20.0
 TARGET_BYTES = 2048.0
 
@@ -100,10 +101,27 @@ def make_app_chain(depth: int) -> Chain:
 # -- install / uninstall ---------------------------------------------------------------------
 
 
-def set_side(opts: dict[str, Any] | None) -> None:
-    """Bare (``None``) or instrumented with ``opts``; every sample starts from a fresh state."""
+@dataclass
+class Peer:
+    """Another instrumentation as the B side (for comparison rows)."""
+
+    enter: Callable[[], None]
+    leave: Callable[[], None]
+
+
+Side = dict[str, Any] | Peer | None
+_peer: list[Peer] = []
+
+
+def set_side(opts: Side) -> None:
+    """Bare (``None``), pgleakguard with ``opts``, or a peer; each sample starts afresh."""
     pgleakguard.uninstall()
-    if opts is not None:
+    while _peer:
+        _peer.pop().leave()
+    if isinstance(opts, Peer):
+        opts.enter()
+        _peer.append(opts)
+    elif opts is not None:
         pgleakguard.install(**opts)
 
 
@@ -154,36 +172,40 @@ class Sampled:
         return (q1, q3)
 
 
+def pool_tracked(pool: ConnectionPool[Any]) -> bool:
+    conn = pool.getconn()
+    tracked = CHECKOUT_ATTR in conn.__dict__
+    pool.putconn(conn)
+    return tracked
+
+
 @dataclass
 class PoolBench:
-    """The pool under test and the frames operations run under."""
+    """What is measured (through ``tracked``, which says if a checkout is tracked now) and the
+    frames operations run under."""
 
-    pool: ConnectionPool[Any]
+    tracked: Callable[[], bool]
     chain: Chain
 
     def probe(self, expect_tracked: bool) -> None:
         """Fail loudly if the side is not what it claims (bare measured as instrumented...)."""
-        conn = self.pool.getconn()
-        tracked = CHECKOUT_ATTR in conn.__dict__
-        self.pool.putconn(conn)
+        tracked = self.tracked()
         if tracked != expect_tracked:
             raise SystemExit(
                 f"benchmark bug: checkout tracked={tracked}, expected {expect_tracked}"
             )
 
-    def sample(self, op: Op, n: int, opts: dict[str, Any] | None) -> tuple[float, float]:
+    def sample(self, op: Op, n: int, opts: Side) -> tuple[float, float]:
         """Switch side, settle, and time one batch: (thread CPU, wall) seconds."""
         set_side(opts)
-        self.probe(opts is not None)
+        self.probe(isinstance(opts, dict))
         # Untimed: the first checkout of an installation starts the watchdog thread (once per
         # process in real life), and caches settle.
         self.chain(lambda: op(max(20, n // 20)))
         gc.collect()
         return self.chain(lambda: timed(op, n))  # type: ignore[no-any-return]
 
-    def pairs(
-        self, op: Op, n: int, pairs: int, warmup: int, opts: dict[str, Any] | None
-    ) -> tuple[Sampled, Sampled]:
+    def pairs(self, op: Op, n: int, pairs: int, warmup: int, opts: Side) -> tuple[Sampled, Sampled]:
         """ABBA pairs of bare (A) against ``opts`` (B; ``None`` for the A/A control).
 
         Returns the thread-CPU and the wall-clock results.
@@ -202,7 +224,7 @@ class PoolBench:
                 result.bare.append(a / (2 * n))
                 result.instr.append(b / (2 * n))
                 result.ratios.append(b / a)
-        pgleakguard.uninstall()
+        set_side(None)
         return cpu, wall
 
 
@@ -232,6 +254,62 @@ def query_op(pool: ConnectionPool[Any]) -> Op:
             put(conn)
 
     return getput_query
+
+
+def sa_connect_op(engine: Any) -> Op:
+    def connect(n: int) -> None:
+        for _ in range(n):
+            with engine.connect():
+                pass
+
+    return connect
+
+
+def sa_query_op(engine: Any) -> Op:
+    from sqlalchemy import text
+
+    select = text("SELECT 1")
+
+    def connect_query(n: int) -> None:
+        for _ in range(n):
+            with engine.connect() as conn:
+                conn.execute(select)
+
+    return connect_query
+
+
+def sa_tracked(engine: Any) -> Callable[[], bool]:
+    def tracked() -> bool:
+        with engine.connect():
+            return any(c.integration == "sqlalchemy" for c in pgleakguard.open_checkouts())
+
+    return tracked
+
+
+def otel_peer(engine: Any) -> Peer | None:
+    """opentelemetry-instrumentation-sqlalchemy on ``engine``, with a real (quiet) SDK."""
+    try:
+        from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+    except ImportError:
+        return None
+    instrumentor = SQLAlchemyInstrumentor()
+    meters, tracers = otel_sdk()
+
+    def enter() -> None:
+        instrumentor.instrument(
+            engine=engine, tracer_provider=tracers, meter_provider=meters, skip_dep_check=True
+        )
+
+    return Peer(enter, instrumentor.uninstrument)
+
+
+def otel_sdk() -> tuple[Any, Any]:
+    """An SDK meter and tracer provider whose data go nowhere (a no-op exporter)."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+
+    return MeterProvider(metric_readers=[InMemoryMetricReader()]), TracerProvider()
 
 
 # -- rows 4 and 5: scan and memory -----------------------------------------------------------
@@ -526,6 +604,52 @@ def memory_breakdown(rec: Checkout) -> list[tuple[str, int]]:
     ]
 
 
+def sqlalchemy_rows(
+    dsn: str, chain: Chain, pairs: int, warmup: int, n_get: int, n_query: int
+) -> list[Row]:
+    """Rows 6-10: a SQLAlchemy engine (psycopg driver, QueuePool of 2) bare and instrumented."""
+    from sqlalchemy import create_engine
+
+    engine = create_engine(
+        dsn.replace("postgresql://", "postgresql+psycopg://", 1), pool_size=2, max_overflow=0
+    )
+    try:
+        bench = PoolBench(sa_tracked(engine), chain)
+        connect, query = sa_connect_op(engine), sa_query_op(engine)
+        aa, _ = bench.pairs(connect, n_get, pairs, warmup, None)
+        r6, _ = bench.pairs(connect, n_get, pairs, warmup, DEFAULT_OPTS)
+        aa_q_cpu, aa_q_wall = bench.pairs(query, n_query, pairs, warmup, None)
+        r7_cpu, r7_wall = bench.pairs(query, n_query, pairs, warmup, DEFAULT_OPTS)
+        comments = {**DEFAULT_OPTS, "sql_comments": True}
+        r8_cpu, r8_wall = bench.pairs(query, n_query, pairs, warmup, comments)
+        retag = {**DEFAULT_OPTS, "retag_on_checkout": True}
+        r9_cpu, r9_wall = bench.pairs(query, n_query, pairs, warmup, retag)
+        rows = [
+            ratio_row("A/A control: SQLAlchemy connect+close, both bare", "CPU", aa, None),
+            ratio_row("6 SQLAlchemy with engine.connect(): pass", "CPU", r6, TARGET_GETPUT),
+            ratio_row(
+                "A/A control: SQLAlchemy connect+SELECT 1, both bare", "wall", aa_q_wall, None
+            ),
+            ratio_row("7 SQLAlchemy connect+SELECT 1", "wall", r7_wall, TARGET_QUERY),
+            info_row("7 SQLAlchemy connect+SELECT 1", "CPU", r7_cpu),
+            ratio_row("8 ... with sql_comments", "wall", r8_wall, TARGET_COMMENTS),
+            info_row("8 ... with sql_comments", "CPU", r8_cpu),
+            info_row("9 ... with retag_on_checkout (same call-site)", "wall", r9_wall),
+            info_row("9 ... with retag_on_checkout (same call-site)", "CPU", r9_cpu),
+        ]
+        del aa_q_cpu
+        peer = otel_peer(engine)
+        if peer is not None:
+            p_cpu, p_wall = bench.pairs(query, n_query, pairs, warmup, peer)
+            rows.append(
+                info_row("10 peer: opentelemetry-instrumentation-sqlalchemy", "wall", p_wall)
+            )
+            rows.append(info_row("10 peer: opentelemetry-instrumentation-sqlalchemy", "CPU", p_cpu))
+        return rows
+    finally:
+        engine.dispose()
+
+
 # -- the report ------------------------------------------------------------------------------
 
 
@@ -692,13 +816,18 @@ def main(argv: list[str] | None = None) -> int:
             f"stack depth at checkout: {APP_DEPTH} app frames + harness"
         )
         print()
-        bench = PoolBench(pool, chain)
+        bench = PoolBench(lambda: pool_tracked(pool), chain)
         getput, query = getput_op(pool), query_op(pool)
         aa_cpu, _ = bench.pairs(getput, n_get, pairs, warmup, None)
         r1, _ = bench.pairs(getput, n_get, pairs, warmup, DEFAULT_OPTS)
         aa_q_cpu, aa_q_wall = bench.pairs(query, n_query, pairs, warmup, None)
         r2_cpu, r2_wall = bench.pairs(query, n_query, pairs, warmup, DEFAULT_OPTS)
         r3, _ = bench.pairs(getput, n_get, pairs, warmup, CALLSITE_ONLY_OPTS)
+        meters, tracers = otel_sdk()
+        sdk_opts = {**DEFAULT_OPTS, "meter_provider": meters, "tracer_provider": tracers}
+        r_sdk, _ = bench.pairs(getput, n_get, pairs, warmup, sdk_opts)
+        r_sdk_q_cpu, r_sdk_q_wall = bench.pairs(query, n_query, pairs, warmup, sdk_opts)
+        sa_rows = sqlalchemy_rows(dsn, chain, pairs, warmup, n_get, n_query)
         scan_cpu, scan_wall = scan_ms(chain, scan_runs)
         mem, mem_parts = bytes_per_checkout(chain, TRACKER_OPTS)
         mem_site, _ = bytes_per_checkout(chain, {**TRACKER_OPTS, "capture_stack": False})
@@ -712,6 +841,10 @@ def main(argv: list[str] | None = None) -> int:
         ratio_row("2 getconn+SELECT 1+putconn, stack capture on", "wall", r2_wall, TARGET_QUERY),
         info_row("2 getconn+SELECT 1+putconn, stack capture on", "CPU", r2_cpu),
         ratio_row("3 getconn+putconn, call-site only", "CPU", r3, TARGET_GETPUT),
+        info_row("1 with an OpenTelemetry SDK (no-op export)", "CPU", r_sdk),
+        info_row("2 with an OpenTelemetry SDK (no-op export)", "wall", r_sdk_q_wall),
+        info_row("2 with an OpenTelemetry SDK (no-op export)", "CPU", r_sdk_q_cpu),
+        *sa_rows,
         Row(
             f"4 watchdog scan of {OPEN_CHECKOUTS:,} open checkouts",
             "CPU",

@@ -48,8 +48,13 @@ _CREATED = "pgleakguard.create_time"  # seconds the DBAPI connect took, until re
 _WAITED = "pgleakguard.wait_time"  # an engine's first wait, until its pool has a name
 _UNNAMED_POOL = "sqlalchemy"
 
-# Engines' pools -> report name (the engine's logging_name, or driver://host:port/db).
-_pool_names: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+# Set on each engine's Pool: its report name (the engine's logging_name, or
+# driver://host:port/db). A pool does not know its engine, so engine_connect names it.
+_NAME = "_pgleakguard_name"
+
+
+def _name_of(pool: Any) -> str | None:
+    return pool.__dict__.get(_NAME) if pool is not None else None
 
 
 def pool_name(engine: Engine) -> str:
@@ -100,7 +105,6 @@ class SQLAlchemyIntegration(Integration):
         super().__init__(tracker)
         self._listeners: list[tuple[Any, str, Callable[..., Any]]] = []
         self._engines: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._seen_engines: weakref.WeakSet[Any] = weakref.WeakSet()
         self._detached: dict[int, Checkout] = {}
         #: Threads/tasks inside Pool.connect per pool (pending requests), with metrics on.
         self.waiting: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
@@ -122,7 +126,8 @@ class SQLAlchemyIntegration(Integration):
             self._hook_pool_timeout()
         self._engines.add(engine)
         self._hook(engine, engine.pool)
-        _pool_names[engine.pool] = pool_name(engine)
+        engine.pool.__dict__[_NAME] = pool_name(engine)
+        self._hook_transactions(engine)
 
     def teardown(self) -> None:
         while self._listeners:
@@ -168,12 +173,12 @@ class SQLAlchemyIntegration(Integration):
             try:
                 fairy = original(pool)
             except exc.TimeoutError as error:
-                telemetry.waited(_pool_names.get(pool), monotonic() - started, timed_out=True)
+                telemetry.waited(_name_of(pool), monotonic() - started, timed_out=True)
                 integration.explain_timeout(error, pool)
                 raise
             finally:
                 waiting[pool] -= 1
-            name = _pool_names.get(pool)
+            name = _name_of(pool)
             if name is None:  # an engine's first connect: engine_connect reports it
                 fairy.info[_WAITED] = monotonic() - started
             else:
@@ -215,7 +220,8 @@ class SQLAlchemyIntegration(Integration):
             rec = self.tracker.begin(
                 proxy,
                 INTEGRATION,
-                pool=_UNNAMED_POOL,  # named by engine_connect, which has the engine
+                # _ConnectionFairy._pool: no public way from a checkout to its pool
+                _name_of(getattr(proxy, "_pool", None)) or _UNNAMED_POOL,
                 backend_pid=info.get(_PID),
                 application_name=info.get(_APP),
                 connection_id=id(connection_record),
@@ -265,18 +271,17 @@ class SQLAlchemyIntegration(Integration):
     def _on_engine_connect(self, conn: Any, *_: Any) -> None:
         with guard():
             engine = conn.engine
-            name = _pool_names.get(engine.pool)
-            if name is None:
-                name = _pool_names[engine.pool] = pool_name(engine)
-            if engine not in self._seen_engines:
-                self._seen_engines.add(engine)
+            pool = engine.pool
+            name = pool.__dict__.get(_NAME)
+            if name is None:  # this engine's first connection
+                name = pool.__dict__[_NAME] = pool_name(engine)
                 self._hook_transactions(engine)
-            rec = _checkout_of(conn)
-            if rec is not None and rec.pool == _UNNAMED_POOL:
-                rec.pool = name
+                rec = _checkout_of(conn)
+                if rec is not None and rec.pool == _UNNAMED_POOL:
+                    rec.pool = name
             telemetry = self.tracker.telemetry
             if telemetry is not None and telemetry.metrics_on:
-                telemetry.register_pool(name, engine.pool, self.pool_stats)
+                telemetry.register_pool(name, pool, self.pool_stats)
                 info = conn.connection.info
                 created = info.pop(_CREATED, None)
                 if isinstance(created, tuple):
@@ -392,7 +397,7 @@ class SQLAlchemyIntegration(Integration):
         """Append the pool's holders to the TimeoutError's own text, in place (type, code
         3o7r and the original message are kept)."""
         try:
-            name = _pool_names.get(pool)
+            name = _name_of(pool)
 
             def ours(rec: Checkout) -> bool:
                 return rec.integration == INTEGRATION and (name is None or rec.pool == name)

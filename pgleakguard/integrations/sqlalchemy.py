@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from .. import tagging
 from .._safety import guard, record_internal_error
-from ..callsite import callsite_of
+from ..callsite import CallSite, callsite_of
 from ..tracker import (
     CHECKOUT_ATTR,
     TX_IDLE,
@@ -106,6 +106,7 @@ class SQLAlchemyIntegration(Integration):
         self._listeners: list[tuple[Any, str, Callable[..., Any]]] = []
         self._engines: weakref.WeakSet[Any] = weakref.WeakSet()
         self._detached: dict[int, Checkout] = {}
+        self._comments: dict[CallSite, str] = {}
         #: Threads/tasks inside Pool.connect per pool (pending requests), with metrics on.
         self.waiting: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self.global_hooks = False
@@ -334,17 +335,22 @@ class SQLAlchemyIntegration(Integration):
             if "/*" not in statement:
                 rec = _checkout_of(conn)
                 if rec is not None:
-                    site = callsite_of(rec.stack)
-                    statement = (
-                        statement
-                        + " "
-                        + tagging.sql_comment(
-                            callsite=site.short, service=rec.service or "", pid=str(os.getpid())
-                        )
-                    )
+                    statement = f"{statement} {self._comment(rec)}"
         except Exception as error:
             record_internal_error(error)
         return statement, parameters
+
+    def _comment(self, rec: Checkout) -> str:
+        """The checkout's sqlcommenter comment; one string per call-site (stable values)."""
+        site = callsite_of(rec.stack)
+        comment = self._comments.get(site)
+        if comment is None:
+            if len(self._comments) > 10_000:
+                self._comments.clear()
+            comment = self._comments[site] = tagging.sql_comment(
+                callsite=site.short, service=rec.service or "", pid=str(os.getpid())
+            )
+        return comment
 
     # -- retag and timeout ----------------------------------------------------------------
 

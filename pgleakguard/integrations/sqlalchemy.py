@@ -106,7 +106,7 @@ class SQLAlchemyIntegration(Integration):
         self._listeners: list[tuple[Any, str, Callable[..., Any]]] = []
         self._engines: weakref.WeakSet[Any] = weakref.WeakSet()
         self._detached: dict[int, Checkout] = {}
-        self._comments: dict[CallSite, str] = {}
+        self._comments: dict[tuple[CallSite, int], str] = {}
         #: Threads/tasks inside Pool.connect per pool (pending requests), with metrics on.
         self.waiting: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self.global_hooks = False
@@ -343,12 +343,13 @@ class SQLAlchemyIntegration(Integration):
     def _comment(self, rec: Checkout) -> str:
         """The checkout's sqlcommenter comment; one string per call-site (stable values)."""
         site = callsite_of(rec.stack)
-        comment = self._comments.get(site)
+        key = (site, os.getpid())  # a forked child has its own pid
+        comment = self._comments.get(key)
         if comment is None:
             if len(self._comments) > 10_000:
                 self._comments.clear()
-            comment = self._comments[site] = tagging.sql_comment(
-                callsite=site.short, service=rec.service or "", pid=str(os.getpid())
+            comment = self._comments[key] = tagging.sql_comment(
+                callsite=site.short, service=rec.service or "", pid=str(key[1])
             )
         return comment
 

@@ -16,6 +16,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
+from ._safety import record_internal_error
 from ._version import __version__
 from .events import Event, LeakEvent
 from .tracker import Checkout
@@ -232,8 +233,8 @@ class Telemetry:
                 continue
             try:
                 out[name] = read(pool)
-            except Exception:  # a pool closed meanwhile: skip it this time
-                continue
+            except Exception as exc:
+                record_internal_error(exc)
         return out
 
     def _observe_count(self, options: CallbackOptions) -> list[Observation]:

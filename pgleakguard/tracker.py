@@ -18,7 +18,7 @@ from time import monotonic, time
 from typing import Any, Callable
 
 from . import callsite as _callsite
-from ._safety import guard, logger
+from ._safety import guard, logger, record_internal_error
 from .callsite import Stack
 from .config import Config
 from .events import (
@@ -268,7 +268,10 @@ class Tracker:
             self._start_watching()
         telemetry = self.telemetry
         if telemetry is not None and telemetry.traces_on:
-            telemetry.checked_out(rec)
+            try:
+                telemetry.checked_out(rec)
+            except Exception as exc:
+                record_internal_error(exc)
         return rec
 
     def _start_watching(self) -> None:
@@ -302,7 +305,10 @@ class Tracker:
             self._pending.append(("returned", rec, None))
         telemetry = self.telemetry
         if telemetry is not None and (telemetry.metrics_on or rec.span is not None):
-            telemetry.checked_in(rec, monotonic() - rec.started)
+            try:
+                telemetry.checked_in(rec, monotonic() - rec.started)
+            except Exception as exc:
+                record_internal_error(exc)
 
     # -- reporting ------------------------------------------------------------------------
 

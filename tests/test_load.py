@@ -13,6 +13,7 @@ import psycopg_pool
 import pytest
 
 import pgleakguard
+
 from conftest import EventLog, marked_line
 
 THREADS = 64

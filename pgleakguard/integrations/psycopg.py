@@ -78,7 +78,10 @@ class PsycopgIntegration(Integration):
                 try:
                     return await orig_wait(self, gen, *args, **kwargs)
                 finally:
-                    _touch(self)
+                    try:
+                        _touch(self)
+                    except Exception as exc:
+                        record_internal_error(exc)
 
             async def close(self: Any) -> None:
                 _closing(integration, self)
@@ -98,7 +101,10 @@ class PsycopgIntegration(Integration):
                 try:
                     return orig_wait(self, gen, *args, **kwargs)
                 finally:
-                    _touch(self)
+                    try:
+                        _touch(self)
+                    except Exception as exc:
+                        record_internal_error(exc)
 
             def close(self: Any) -> None:  # type: ignore[misc]
                 _closing(integration, self)
@@ -149,11 +155,8 @@ def _touch(conn: Any) -> None:
     # After every operation, in the user's own thread: the only safe place to read pgconn.
     rec = conn.__dict__.get(CHECKOUT_ATTR)
     if rec is not None:
-        try:
-            rec.last_activity = monotonic()
-            rec.tx_status = conn.pgconn.transaction_status
-        except Exception as exc:
-            record_internal_error(exc)
+        rec.last_activity = monotonic()
+        rec.tx_status = conn.pgconn.transaction_status
 
 
 def _closing(integration: PsycopgIntegration, conn: Any) -> None:

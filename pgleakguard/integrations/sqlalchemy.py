@@ -168,25 +168,40 @@ class SQLAlchemyIntegration(Integration):
                 except exc.TimeoutError as error:
                     integration.explain_timeout(error, pool)
                     raise
-            started = monotonic()
-            waiting = integration.waiting
-            waiting[pool] = waiting.get(pool, 0) + 1
+            started = integration.acquiring(pool)
+            fairy, timed_out = None, False
             try:
                 fairy = original(pool)
             except exc.TimeoutError as error:
-                telemetry.waited(_name_of(pool), monotonic() - started, timed_out=True)
+                timed_out = True
                 integration.explain_timeout(error, pool)
                 raise
             finally:
-                waiting[pool] -= 1
-            name = _name_of(pool)
-            if name is None:  # an engine's first connect: engine_connect reports it
-                fairy.info[_WAITED] = monotonic() - started
-            else:
-                telemetry.waited(name, monotonic() - started, timed_out=False)
+                integration.acquired(pool, fairy, started, timed_out)
             return fairy
 
         self.patcher.patch(Pool, "connect", connect)
+
+    def acquiring(self, pool: Any) -> float:
+        """A checkout starts waiting on ``pool`` (metrics on): count it as pending."""
+        with guard():
+            self.waiting[pool] = self.waiting.get(pool, 0) + 1
+        return monotonic()
+
+    def acquired(self, pool: Any, fairy: Any, started: float, timed_out: bool) -> None:
+        """The wait is over: record its time, or the timeout."""
+        with guard():
+            self.waiting[pool] = max(0, self.waiting.get(pool, 1) - 1)
+            telemetry = self.tracker.telemetry
+            waited = monotonic() - started
+            name = _name_of(pool)
+            if fairy is None:
+                if timed_out:
+                    telemetry.waited(name, waited, timed_out=True)
+            elif name is None:  # an engine's first connect: engine_connect reports it
+                fairy.info[_WAITED] = waited
+            else:
+                telemetry.waited(name, waited, timed_out=False)
 
     # -- pool events ----------------------------------------------------------------------
 

@@ -28,6 +28,10 @@ class Installed:
         self.tracker = Tracker(config, self.dispatcher)
         self.watchdog = Watchdog(self.tracker)
         self.tracker._on_begin = self.watchdog.ensure_started
+        if config.activity_dsn:
+            from .server import ActivityLookup
+
+            self.tracker.enrich = ActivityLookup(config.activity_dsn)
         self.integrations: list[Integration] = []
 
 
@@ -45,7 +49,7 @@ def install(**options: Any) -> Config:
 
     Options (all optional; each can also come from ``PGLEAKGUARD_<OPTION>``): service,
     leak_threshold, idle_in_transaction_threshold, capture_stack, stack_depth, on_leak,
-    integrations, log_level, ignore_modules, tag_application_name, jsonl_path.
+    integrations, log_level, ignore_modules, tag_application_name, jsonl_path, activity_dsn.
     Calling it again with the same options does nothing; with other options it re-installs.
     """
     global _state

@@ -1,7 +1,10 @@
-"""application_name tags: ``service/pid:1234`` or ``service/pid:1234/orders.py:42``.
+"""Tags that pg_stat_activity shows: application_name and sqlcommenter SQL comments.
 
-Built from ``[A-Za-z0-9._:/@-]`` only and never longer than PostgreSQL's 63 bytes, so the
-server keeps them intact; :func:`parse` reads them back from pg_stat_activity.
+application_name is ``service/pid:1234`` or ``service/pid:1234/orders.py:42``, built from
+``[A-Za-z0-9._:/@-]`` only and never longer than PostgreSQL's 63 bytes, so the server keeps
+it intact; :func:`parse` reads it back. :func:`sql_comment` builds a comment to append to a
+query (``/*callsite='orders.py:42',pid='4123',service='billing'*/``) and
+:func:`parse_sql_comment` reads it back from the last query of a session.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 MAX_BYTES = 63
 _SERVICE_BAD = re.compile(r"[^A-Za-z0-9._@-]+")
@@ -87,3 +91,55 @@ def parse(application_name: str | None) -> Tag | None:
         file=m.group("file"),
         line=int(line) if line is not None else None,
     )
+
+
+# -- SQL comments (sqlcommenter format) ---------------------------------------------------
+
+#: Characters a SQL-comment value keeps; anything else becomes ``-``. Every one of them is
+#: left alone by URL-encoding, so the comment is valid sqlcommenter and never holds a ``%``
+#: (psycopg would read a ``%`` as a placeholder).
+_COMMENT_VALUE_BAD = re.compile(r"[^A-Za-z0-9._:/@-]")
+_COMMENT_KEY_BAD = re.compile(r"[^A-Za-z0-9_]")
+_TRAILING_COMMENT = re.compile(r"/\*(?P<body>(?:(?!\*/).)*)\*/\s*;?\s*$", re.S)
+_PAIR = re.compile(r"\s*(?P<key>[^=,\s]+)\s*=\s*'(?P<value>(?:[^'\\]|\\.)*)'\s*(?:,|$)")
+
+
+def sql_comment(**tags: object) -> str:
+    """A sqlcommenter comment ``/*key='value',...*/`` for ``tags``, to append to a query.
+
+    Keys are sorted; ``None`` values are left out. Values are reduced to
+    ``[A-Za-z0-9._:/@-]`` (anything else becomes ``-``), which URL-encoding leaves as is: the
+    comment is sqlcommenter-compatible and never contains ``%``. Use ``callsite``
+    (``orders.py:42``), ``service`` and ``pid``.
+    """
+    pairs = []
+    for key in sorted(tags):
+        value = tags[key]
+        if value is None:
+            continue
+        clean_key = _COMMENT_KEY_BAD.sub("_", key)
+        pairs.append(f"{clean_key}='{_COMMENT_VALUE_BAD.sub('-', str(value))}'")
+    return "/*" + ",".join(pairs) + "*/" if pairs else ""
+
+
+def parse_sql_comment(query: str | None) -> dict[str, str]:
+    """The ``key='value'`` pairs of a sqlcommenter comment at the end of ``query``.
+
+    Values are URL-decoded; a query without such a comment gives ``{}``.
+    """
+    if not query or "*/" not in query:
+        return {}
+    m = _TRAILING_COMMENT.search(query)
+    if m is None:
+        return {}
+    body = m.group("body").strip()
+    tags: dict[str, str] = {}
+    pos = 0
+    while pos < len(body):
+        pair = _PAIR.match(body, pos)
+        if pair is None:
+            return {}
+        value = pair.group("value").replace("\\'", "'")
+        tags[unquote(pair.group("key"))] = unquote(value)
+        pos = pair.end()
+    return tags

@@ -199,6 +199,8 @@ class Tracker:
         self._pending: deque[tuple[str, Checkout, dict[str, Any] | None]] = deque()
         self._depth = config.stack_depth if config.capture_stack else 1
         self._on_begin: Callable[[], None] | None = None
+        #: Adds server-side context to events before delivery (``activity_dsn``); watchdog only.
+        self.enrich: Callable[[list[Event]], None] | None = None
         #: Leak events delivered so far, by kind.
         self.leak_counts: dict[str, int] = {}
         #: Recent checkouts whose connection was garbage collected: a pool never gets
@@ -279,21 +281,30 @@ class Tracker:
         self._pending.append((kind, rec, details))
         return True
 
-    def flush(self) -> None:
-        """Turn queued findings into events and hand them to the sinks, in order."""
+    def flush(self, enrich: bool = False) -> None:
+        """Turn queued findings into events and hand them to the sinks, in order.
+
+        ``enrich`` (the watchdog thread only) lets :attr:`enrich` add to them first.
+        """
+        events: list[Event] = []
         while True:
             try:
                 kind, rec, details = self._pending.popleft()
             except IndexError:
-                return
+                break
             with guard():
                 if kind == "returned":
-                    event: Event = self._returned_event(rec)
+                    events.append(self._returned_event(rec))
                 else:
                     if kind not in rec.reported:
                         rec.reported += (kind,)
-                    event = self.leak_event(rec, kind, details)
+                    events.append(self.leak_event(rec, kind, details))
                     self.leak_counts[kind] = self.leak_counts.get(kind, 0) + 1
+        if enrich and events and self.enrich is not None:
+            with guard():
+                self.enrich(events)
+        for event in events:
+            with guard():
                 self._dispatch(event)
 
     def leak_event(

@@ -63,7 +63,7 @@ class Watchdog:
             with guard():
                 self.scan()
             with guard():
-                self.tracker.flush()
+                self.tracker.flush(enrich=True)
 
     def scan(self) -> None:
         """Look at every open checkout once and report what crossed a line."""

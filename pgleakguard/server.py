@@ -240,6 +240,51 @@ def advisory_lock_holders(conn: psycopg.Connection[Any]) -> list[int]:
     return [int(r[0]) for r in rows]
 
 
+def lock_blockers(conn: psycopg.Connection[Any]) -> dict[int, list[int]]:
+    """For each session waiting on a lock, the backend pids blocking it."""
+    rows = conn.execute(
+        "SELECT pid, pg_blocking_pids(pid) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+    ).fetchall()
+    return {int(pid): sorted(int(b) for b in blockers or []) for pid, blockers in rows}
+
+
+@dataclasses.dataclass
+class LiveRead:
+    """One read of a live server: settings, sessions and the context diagnose uses."""
+
+    settings: ServerSettings
+    rows: list[dict[str, Any]]
+    role: str
+    self_pid: int
+    advisory_lock_pids: list[int]
+    blockers: dict[int, list[int]]
+    #: ``host=... port=...`` of this server, for a pgbouncer.ini.
+    upstream: str
+    #: Backend pid -> progress of its long operation (only when asked for).
+    progress: dict[int, str]
+
+
+def read_server(
+    conn: psycopg.Connection[Any], *, client_backends_only: bool = True, progress: bool = False
+) -> LiveRead:
+    """Everything diagnose and watch read from a live server, in one go."""
+    settings = read_settings(conn)
+    version = settings.version_num or conn.info.server_version
+    role, self_pid = whoami(conn)
+    host = conn.info.host
+    host_part = f"host={host}" if host and " " not in host else f"host='{host}'"
+    return LiveRead(
+        settings=settings,
+        rows=read_activity(conn, version, client_backends_only=client_backends_only),
+        role=role,
+        self_pid=self_pid,
+        advisory_lock_pids=advisory_lock_holders(conn),
+        blockers=lock_blockers(conn),
+        upstream=f"{host_part} port={conn.info.port}",
+        progress=read_progress(conn, version) if progress else {},
+    )
+
+
 #: (view, first version, label, SQL giving "done" and "total" per pid) for long operations.
 _PROGRESS = (
     ("pg_stat_progress_vacuum", 12, "VACUUM", "heap_blks_scanned", "heap_blks_total", "blocks"),

@@ -133,7 +133,7 @@ def pg_size(num_bytes: float) -> str:
 
 
 def format_duration(seconds: float | None) -> str:
-    """``850ms``, ``42s``, ``12m 5s``, ``3h 20m``, ``2d 4h``."""
+    """``850ms``, ``42s``, ``12m 5s``, ``10m``, ``3h 20m``, ``2d 4h``."""
     if seconds is None or math.isnan(seconds):
         return "-"
     if seconds < 1:
@@ -141,11 +141,15 @@ def format_duration(seconds: float | None) -> str:
     whole = int(seconds)
     if whole < 60:
         return f"{whole}s"
-    if whole < 3600:
-        return f"{whole // 60}m {whole % 60}s"
-    if whole < 86400:
-        return f"{whole // 3600}h {whole % 3600 // 60}m"
-    return f"{whole // 86400}d {whole % 86400 // 3600}h"
+    for size, unit, small, small_unit in (
+        (86400, "d", 3600, "h"),
+        (3600, "h", 60, "m"),
+        (60, "m", 1, "s"),
+    ):
+        if whole >= size:
+            rest = whole % size // small
+            return f"{whole // size}{unit}" + (f" {rest}{small_unit}" if rest else "")
+    return f"{whole}s"  # pragma: no cover - unreachable
 
 
 def pg_interval(seconds: float) -> str:

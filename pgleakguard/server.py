@@ -203,7 +203,14 @@ def activity_sql(version_num: int, *, client_backends_only: bool = True) -> str:
     for name, since in ACTIVITY_COLUMNS:
         expr = _CAST.get(name, f"a.{name}") if major >= since else _NULL_CAST[name]
         columns.append(expr if expr == f"a.{name}" else f"{expr} AS {name}")
-    where = "\nWHERE a.backend_type = 'client backend'" if client_backends_only else ""
+    # A role without pg_read_all_stats sees no backend_type for other roles' sessions; those
+    # attached to a database are client sessions (rarely an autovacuum worker).
+    where = (
+        "\nWHERE a.backend_type = 'client backend'"
+        "\n   OR (a.backend_type IS NULL AND a.datid IS NOT NULL)"
+        if client_backends_only
+        else ""
+    )
     return (
         "SELECT "
         + ",\n       ".join(columns)

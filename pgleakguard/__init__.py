@@ -23,6 +23,7 @@ from .events import (
     ReturnedEvent,
 )
 from .integrations import DidNotEnable
+from .server import Correlation, correlate
 
 __version__ = "0.1.0"
 
@@ -37,12 +38,14 @@ __all__ = [
     "CallSite",
     "CheckoutInfo",
     "Config",
+    "Correlation",
     "DidNotEnable",
     "Event",
     "LeakEvent",
     "ReturnedEvent",
     "__version__",
     "check",
+    "correlate",
     "install",
     "open_checkouts",
     "stats",

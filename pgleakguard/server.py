@@ -15,12 +15,12 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from .diagnose.model import ServerSettings, Setting
-from .diagnose.units import iso, to_epoch
 from .events import CheckoutInfo, Event, LeakEvent
 
 if TYPE_CHECKING:
     import psycopg
+
+    from .diagnose.model import ServerSettings
 
 #: Settings diagnose and recommend read (those a version lacks are simply absent).
 SETTINGS = (
@@ -181,6 +181,8 @@ def _untrack(conn: Any) -> None:
 
 def read_settings(conn: psycopg.Connection[Any]) -> ServerSettings:
     """The server's version and the :data:`SETTINGS` it has (pg_settings is readable by all)."""
+    from .diagnose.model import ServerSettings, Setting
+
     rows = conn.execute(
         "SELECT name, setting, unit FROM pg_settings WHERE name = ANY(%s)", [list(SETTINGS)]
     ).fetchall()
@@ -373,6 +375,8 @@ def activity_rows(conn: psycopg.Connection[Any], pids: Sequence[int]) -> dict[in
 
 
 def _json_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    from .diagnose.units import iso, to_epoch
+
     out: dict[str, Any] = {}
     for name in ROW_FIELDS:
         value = row.get(name)

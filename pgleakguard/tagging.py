@@ -122,6 +122,13 @@ def sql_comment(**tags: object) -> str:
     return "/*" + ",".join(pairs) + "*/" if pairs else ""
 
 
+def strip_sql_comment(query: str) -> str:
+    """``query`` without a trailing sqlcommenter comment (for display: the tags are shown
+    in their own columns)."""
+    m = _TRAILING_COMMENT.search(query) if "*/" in query else None
+    return query[: m.start()].rstrip() if m is not None and "='" in m.group("body") else query
+
+
 def parse_sql_comment(query: str | None) -> dict[str, str]:
     """The ``key='value'`` pairs of a sqlcommenter comment at the end of ``query``.
 

@@ -68,7 +68,7 @@ def test_ctrl_c_exits_cleanly(pg_dsn: str) -> None:
     )
     assert proc.stdout is not None
     first = proc.stdout.readline()
-    assert first.startswith("pgleakguard diagnose: ")
+    assert first.startswith("pgleakguard watch: ")
     while "Ctrl-C to quit" not in proc.stdout.readline():
         pass  # the rest of the first frame
     proc.send_signal(signal.SIGINT)

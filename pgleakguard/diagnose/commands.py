@@ -72,9 +72,9 @@ def emit(blocks: Sequence[Block], fmt: str, document: Any = None) -> None:
     elif fmt == "markdown":
         sys.stdout.write(to_markdown(blocks))
     elif sys.stdout.isatty() and _has_rich():
-        from rich.console import Console
+        from rich.console import Console, Group
 
-        Console().print(*to_rich(blocks))
+        Console().print(Group(*to_rich(blocks)))
     else:
         sys.stdout.write(to_text(blocks))
 

@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from ..tagging import strip_sql_comment
 from . import fixes as _fixes
 from . import pgbouncer
 from .analysis import DIMENSIONS, Diagnosis, grant_advice
@@ -175,12 +176,12 @@ def capacity_line(diag: Diagnosis) -> str:
     )
 
 
-def summary_blocks(diag: Diagnosis) -> list[Block]:
+def summary_blocks(diag: Diagnosis, command: str = "diagnose") -> list[Block]:
     """Title, capacity, thresholds, hidden rows."""
     version = f" (PostgreSQL {diag.settings.version})" if diag.settings.version else ""
     when = f" at {iso(diag.now)}" if diag.now is not None else ""
     lines = [
-        f"pgleakguard diagnose: {diag.source}{version}{when}",
+        f"pgleakguard {command}: {diag.source}{version}{when}",
         capacity_line(diag),
         f"{len(diag.suspects)} leak suspect(s): idle > "
         f"{format_duration(diag.options.idle_threshold)}, idle in transaction or aborted > "
@@ -283,7 +284,7 @@ def suspect_blocks(diag: Diagnosis, max_rows: int) -> list[Block]:
 def _short(query: str | None) -> str:
     if not query:
         return "-"
-    one = " ".join(query.split())
+    one = " ".join(strip_sql_comment(query).split())
     return one if len(one) <= _QUERY_WIDTH else one[: _QUERY_WIDTH - 3] + "..."
 
 

@@ -20,7 +20,7 @@ def frame(
     diag: analysis.Diagnosis, progress: dict[int, str], taken_at: float | None = None
 ) -> list[Block]:
     """One screen: capacity, sessions by state, owners, suspects, running queries."""
-    out: list[Block] = report.summary_blocks(diag)
+    out: list[Block] = report.summary_blocks(diag, "watch")
     states = [[k, str(n)] for k, n in diag.breakdown.get("state", [])]
     out.append(Table(["state", "sessions"], states, frozenset({1}), "by state"))
     owners = [

@@ -100,7 +100,6 @@ def parse(application_name: str | None) -> Tag | None:
 #: (psycopg would read a ``%`` as a placeholder).
 _COMMENT_VALUE_BAD = re.compile(r"[^A-Za-z0-9._:/@-]")
 _COMMENT_KEY_BAD = re.compile(r"[^A-Za-z0-9_]")
-_TRAILING_COMMENT = re.compile(r"/\*(?P<body>(?:(?!\*/).)*)\*/\s*;?\s*$", re.S)
 _PAIR = re.compile(r"\s*(?P<key>[^=,\s]+)\s*=\s*'(?P<value>(?:[^'\\]|\\.)*)'\s*(?:,|$)")
 
 
@@ -122,11 +121,20 @@ def sql_comment(**tags: object) -> str:
     return "/*" + ",".join(pairs) + "*/" if pairs else ""
 
 
+def _trailing_comment(query: str) -> tuple[int, str] | None:
+    # (where the comment starts, its body) for a /*...*/ closing the query (before any ";").
+    end = len(query.rstrip().rstrip(";").rstrip())
+    if not query.endswith("*/", 0, end):
+        return None
+    start = query.rfind("/*", 0, end - 2)
+    return None if start < 0 else (start, query[start + 2 : end - 2])
+
+
 def strip_sql_comment(query: str) -> str:
     """``query`` without a trailing sqlcommenter comment (for display: the tags are shown
     in their own columns)."""
-    m = _TRAILING_COMMENT.search(query) if "*/" in query else None
-    return query[: m.start()].rstrip() if m is not None and "='" in m.group("body") else query
+    found = _trailing_comment(query) if "*/" in query else None
+    return query[: found[0]].rstrip() if found is not None and "='" in found[1] else query
 
 
 def parse_sql_comment(query: str | None) -> dict[str, str]:
@@ -134,19 +142,17 @@ def parse_sql_comment(query: str | None) -> dict[str, str]:
 
     Values are URL-decoded; a query without such a comment gives ``{}``.
     """
-    if not query or "*/" not in query:
+    found = _trailing_comment(query) if query and "*/" in query else None
+    if found is None:
         return {}
-    m = _TRAILING_COMMENT.search(query)
-    if m is None:
-        return {}
-    body = m.group("body").strip()
+    body = found[1].strip()
     tags: dict[str, str] = {}
     pos = 0
     while pos < len(body):
         pair = _PAIR.match(body, pos)
         if pair is None:
             return {}
-        value = pair.group("value").replace("\\'", "'")
-        tags[unquote(pair.group("key"))] = unquote(value)
+        key, value = pair.group("key"), pair.group("value").replace("\\'", "'")
+        tags[unquote(key) if "%" in key else key] = unquote(value) if "%" in value else value
         pos = pair.end()
     return tags

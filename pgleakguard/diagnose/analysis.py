@@ -181,12 +181,16 @@ def _ranked(counter: Mapping[str, int]) -> list[tuple[str, int]]:
 
 def owner_groups(sessions: Iterable[Session]) -> list[OwnerGroup]:
     """Sessions by owner (service, pid, call-site from the tags), most sessions first."""
-    groups: dict[tuple[str, int | None, str | None], Counter[str]] = {}
+    groups: dict[tuple[str, int | None, str | None], dict[str, int]] = {}
     services: dict[tuple[str, int | None, str | None], str | None] = {}
     for s in sessions:
         key = (owner_name(s), s.client_pid, s.callsite)
-        groups.setdefault(key, Counter())[state_of(s)] += 1
-        services[key] = s.service
+        states = groups.get(key)
+        if states is None:
+            states = groups[key] = {}
+            services[key] = s.service
+        state = state_of(s)
+        states[state] = states.get(state, 0) + 1
     out = [
         OwnerGroup(owner=k[0], service=services[k], client_pid=k[1], callsite=k[2], states=c)
         for k, c in groups.items()
@@ -228,7 +232,9 @@ def findings(diag: Diagnosis) -> list[Finding]:
     out = leak_findings(diag) + idle_pool_findings(diag) + blocked_findings(diag)
     out += long_query_findings(diag) + hidden_findings(diag)
     order = {"leak": 0, "blocked": 1, "idle_pool": 2, "long_query": 3, "hidden": 4}
-    out.sort(key=lambda f: (-f.sessions, order.get(f.kind, 9), f.summary))
+    # The sum of the small leak groups goes last, whatever its size.
+    order["leak_other"] = 5
+    out.sort(key=lambda f: (f.kind == "leak_other", -f.sessions, order.get(f.kind, 9), f.summary))
     return out
 
 
@@ -242,42 +248,65 @@ def _pids_phrase(pids: Sequence[int]) -> str:
     return f", pids {shown}{more}"
 
 
+#: Leak groups reported one by one; smaller ones are summed up in one ``leak_other`` finding.
+MAX_LEAK_FINDINGS = 20
+
+
 def leak_findings(diag: Diagnosis) -> list[Finding]:
-    """One finding per (reason, owner, call-site) among the suspects."""
+    """One finding per (reason, owner, call-site) among the suspects, biggest first."""
     groups: dict[tuple[str, str, str | None], list[Suspect]] = {}
     for sus in diag.suspects:
         key = (sus.reason, sus.session.owner, sus.session.callsite)
         groups.setdefault(key, []).append(sus)
-    out = []
-    for (reason, owner, site), members in groups.items():
-        client_pids = sorted({m.session.client_pid for m in members if m.session.client_pid})
-        where = f", last call-site {site}" if site else ""
-        longest = max(m.seconds for m in members)
-        summary = (
-            f"{len(members)} {diag.slots_phrase} are {REASONS[reason]} from {owner}"
-            f"{_pids_phrase(client_pids)}{where} (longest {format_duration(longest)})"
-        )
-        first = members[0].session
+    ranked = sorted(
+        groups.items(), key=lambda kv: (-len(kv[1]), kv[0][0], kv[0][1], kv[0][2] or "")
+    )
+    out = [_leak_finding(diag, key, members) for key, members in ranked[:MAX_LEAK_FINDINGS]]
+    rest = ranked[MAX_LEAK_FINDINGS:]
+    if rest:
+        pids = tuple(sorted(m.session.backend_pid for _, members in rest for m in members))
         out.append(
             Finding(
-                kind="leak",
-                sessions=len(members),
-                summary=summary,
-                backend_pids=tuple(sorted(m.session.backend_pid for m in members)),
-                evidence={
-                    "reason": reason,
-                    "service": first.service,
-                    "application_name": first.application_name,
-                    "client_pids": client_pids,
-                    "callsite": site,
-                    "users": sorted({m.session.user or _NO_VALUE for m in members}),
-                    "databases": sorted({m.session.database or _NO_VALUE for m in members}),
-                    "longest_seconds": round(longest, 3),
-                    "last_query": first.query,
-                },
+                kind="leak_other",
+                sessions=len(pids),
+                summary=f"{len(pids)} {diag.slots_phrase} are leak suspects in {len(rest)} "
+                "smaller groups (see the suspects)",
+                backend_pids=pids,
+                evidence={"groups": len(rest)},
             )
         )
     return out
+
+
+def _leak_finding(
+    diag: Diagnosis, key: tuple[str, str, str | None], members: list[Suspect]
+) -> Finding:
+    reason, owner, site = key
+    client_pids = sorted({m.session.client_pid for m in members if m.session.client_pid})
+    where = f", last call-site {site}" if site else ""
+    longest = max(m.seconds for m in members)
+    summary = (
+        f"{len(members)} {diag.slots_phrase} are {REASONS[reason]} from {owner}"
+        f"{_pids_phrase(client_pids)}{where} (longest {format_duration(longest)})"
+    )
+    first = members[0].session
+    return Finding(
+        kind="leak",
+        sessions=len(members),
+        summary=summary,
+        backend_pids=tuple(sorted(m.session.backend_pid for m in members)),
+        evidence={
+            "reason": reason,
+            "service": first.service,
+            "application_name": first.application_name,
+            "client_pids": client_pids,
+            "callsite": site,
+            "users": sorted({m.session.user or _NO_VALUE for m in members}),
+            "databases": sorted({m.session.database or _NO_VALUE for m in members}),
+            "longest_seconds": round(longest, 3),
+            "last_query": first.query,
+        },
+    )
 
 
 def idle_pool_findings(diag: Diagnosis) -> list[Finding]:

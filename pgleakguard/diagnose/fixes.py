@@ -50,51 +50,60 @@ class Triage:
 # -- triage -------------------------------------------------------------------------------
 
 
-def triage(diag: Diagnosis) -> list[Triage]:
-    """One terminate statement per group of suspects (owner and state), biggest first.
+#: Triage statements printed at most (the biggest groups; terminate covers the rest).
+MAX_TRIAGE = 10
 
-    The threshold in the SQL is the diagnosis threshold, so it ends the suspects listed and
-    whatever has joined them since, never a session that is busy.
+
+def triage(diag: Diagnosis) -> tuple[list[Triage], int]:
+    """Terminate statements for the biggest groups of suspects (by state and service, or
+    application, or user), and how many groups there are in all.
+
+    A group from one process is pinned to its tag (service and pid); a service's many
+    processes are matched by service. The threshold in the SQL is the diagnosis threshold,
+    so it ends the suspects listed and whatever joined them since, never a busy session.
     """
-    groups: dict[tuple[str, str | None, int | None, str | None, str | None], list[Suspect]] = {}
+    groups: dict[tuple[str, str, str], list[Suspect]] = {}
     for sus in diag.suspects:
         s = sus.session
-        parsed = tagging.parse(s.application_name)
-        tag = (parsed.service, parsed.pid) if parsed is not None else None
-        key = (
-            sus.reason,
-            tag[0] if tag else None,
-            tag[1] if tag else None,
-            None if tag else s.application_name,
-            None if tag or s.application_name else s.user,
-        )
+        tag = tagging.parse(s.application_name)
+        if tag is not None:
+            key = (sus.reason, "service", tag.service)
+        elif s.application_name:
+            key = (sus.reason, "application", s.application_name)
+        else:
+            key = (sus.reason, "user", s.user or "")
         groups.setdefault(key, []).append(sus)
-    out = []
-    for (reason, service, pid, app, user), members in groups.items():
-        limit = (
-            diag.options.idle_threshold
-            if reason == "idle"
-            else diag.options.idle_in_transaction_threshold
-        )
-        filters = Filters(
-            idle_for=limit,
-            states=(reason,),
-            tag=(service, pid) if service is not None and pid is not None else None,
-            application=app,
-            user=user,
-        )
-        who = (
-            f"service {service}, pid {pid}"
-            if service
-            else (f"application {app!r}" if app else f"user {user}")
-        )
-        title = (
-            f"End the {len(members)} session(s) of {who} in state '{reason}' "
-            f"for more than {format_duration(limit)}"
-        )
-        out.append(Triage(title, filters, terminate_sql(filters), len(members)))
-    out.sort(key=lambda t: -t.sessions)
-    return out
+    ranked = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    return [_triage_one(diag, key, members) for key, members in ranked[:MAX_TRIAGE]], len(ranked)
+
+
+def _triage_one(diag: Diagnosis, key: tuple[str, str, str], members: list[Suspect]) -> Triage:
+    reason, kind, name = key
+    limit = (
+        diag.options.idle_threshold
+        if reason == "idle"
+        else diag.options.idle_in_transaction_threshold
+    )
+    filters = Filters(idle_for=limit, states=(reason,))
+    who = f"{kind} {name}"
+    if kind == "service":
+        tags = {tagging.parse(m.session.application_name) for m in members}
+        pids = sorted({t.pid for t in tags if t is not None})
+        if len(pids) == 1:
+            filters = dataclasses.replace(filters, tag=(name, pids[0]))
+            who = f"service {name}, pid {pids[0]}"
+        else:
+            filters = dataclasses.replace(filters, application=name)
+            who = f"service {name} ({len(pids)} processes)"
+    elif kind == "application":
+        filters = dataclasses.replace(filters, application=name)
+    else:
+        filters = dataclasses.replace(filters, user=name)
+    title = (
+        f"End the {len(members)} session(s) of {who} in state '{reason}' "
+        f"for more than {format_duration(limit)}"
+    )
+    return Triage(title, filters, terminate_sql(filters), len(members))
 
 
 # -- server settings ----------------------------------------------------------------------

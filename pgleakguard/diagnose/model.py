@@ -244,8 +244,8 @@ class ServerSettings:
 def _int(name: str, value: Any) -> int | None:
     if value is None or value == "":
         return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
+    if value.__class__ is int or (value.__class__ is str and value.isdigit()):
+        return int(value)
     text = str(value).strip()
     if not text.lstrip("-").isdigit():
         raise RowError(f"{name} {value!r} is not a whole number")

@@ -37,6 +37,8 @@ _SET = re.compile(
     r"(\"?[A-Za-z_][A-Za-z0-9_.]*\"?)",
     re.I,
 )
+# Cheap pre-check: only queries with one of these words can show a session feature.
+_MAYBE = re.compile(r"listen|prepare|hold|temp|advisory|set", re.I)
 _SET_CONFIG = re.compile(r"\bset_config\s*\(\s*'([^']+)'\s*,[^,]*,\s*false\s*\)", re.I)
 
 #: What each session feature does under transaction pooling.
@@ -79,7 +81,7 @@ def session_features(
     for s in sessions:
         if s.state == "idle":
             idle.add(s.backend_pid)
-        if not s.query or s.hidden:
+        if not s.query or s.hidden or _MAYBE.search(s.query) is None:
             continue
         text = _LEADING_COMMENTS.sub("", s.query, count=1)
         for name in _features_of(text):

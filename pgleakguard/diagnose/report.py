@@ -30,6 +30,8 @@ class Report:
     diagnosis: Diagnosis
     features: list[pgbouncer.SessionFeature]
     triage: list[_fixes.Triage]
+    #: Groups of suspects in all (``triage`` holds the biggest ones).
+    triage_groups: int
     fixes: list[_fixes.Fix]
     pgbouncer: pgbouncer.PgBouncerConfig
     pgbouncer_ini: str
@@ -51,7 +53,8 @@ def build(
         + _fixes.limit_fixes(diag)
         + _fixes.pool_fixes(diag, config.pool_mode == "transaction")
     )
-    return Report(diag, features, _fixes.triage(diag), fixes, config, ini, time.time())
+    triage, groups = _fixes.triage(diag)
+    return Report(diag, features, triage, groups, fixes, config, ini, time.time())
 
 
 # -- JSON ---------------------------------------------------------------------------------
@@ -129,6 +132,7 @@ def as_json(report: Report) -> dict[str, Any]:
             else None
         ),
         "triage": [{"title": t.title, "sessions": t.sessions, "sql": t.sql} for t in report.triage],
+        "triage_groups": report.triage_groups,
         "fixes": [dataclasses.asdict(f) for f in report.fixes],
         "pgbouncer": {
             "pool_mode": report.pgbouncer.pool_mode,
@@ -297,6 +301,9 @@ def triage_blocks(report: Report) -> list[Block]:
     ]
     for t in report.triage:
         out += [Text(t.title + ":"), Code(t.sql)]
+    rest = report.triage_groups - len(report.triage)
+    if rest > 0:
+        out.append(Text(f"... and {rest} smaller group(s): pgleakguard terminate --help"))
     return out
 
 

@@ -6,6 +6,7 @@ import calendar
 import datetime as _dt
 import math
 import re
+import time
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -76,6 +77,17 @@ def parse_duration(text: str) -> float:
 
 def parse_timestamp(text: str) -> float:
     """Seconds since the epoch for a PostgreSQL timestamp (no offset means UTC)."""
+    try:
+        # The C fast path (Python 3.11+ reads "+00" and short fractions; older ones raise).
+        moment = _dt.datetime.fromisoformat(text)
+    except ValueError:
+        return _parse_timestamp_slowly(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=_dt.timezone.utc)
+    return moment.timestamp()
+
+
+def _parse_timestamp_slowly(text: str) -> float:
     m = _TIMESTAMP.match(text.strip())
     if m is None:
         raise ValueError(f"{text!r} is not a timestamp")
@@ -109,8 +121,7 @@ def iso(epoch: float | None) -> str | None:
     """ISO 8601 in UTC, to the second."""
     if epoch is None:
         return None
-    moment = _dt.datetime.fromtimestamp(round(epoch), tz=_dt.timezone.utc)
-    return moment.isoformat().replace("+00:00", "Z")
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(round(epoch)))
 
 
 def format_size(num_bytes: float) -> str:

@@ -112,7 +112,7 @@ def as_json(report: Report) -> dict[str, Any]:
             for g in diag.owners
         ],
         "suspects": [
-            {"reason": s.reason, "seconds": round(s.seconds, 3), **s.session.as_dict(now)}
+            {"reason": s.reason, **s.session.as_dict(now)}
             for s in diag.suspects
         ],
         "findings": [
@@ -149,7 +149,7 @@ def as_json(report: Report) -> dict[str, Any]:
 # -- blocks -------------------------------------------------------------------------------
 
 
-def blocks(report: Report, max_rows: int = 30) -> list[Block]:
+def blocks(report: Report, max_rows: int = 20) -> list[Block]:
     """The human report, section by section."""
     out: list[Block] = summary_blocks(report.diagnosis)
     out += finding_blocks(report.diagnosis)

@@ -4,6 +4,8 @@ a role without it is told which GRANT it lacks."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -227,3 +229,47 @@ def test_bad_options_are_one_line_and_exit_2() -> None:
     assert proc.stderr.splitlines() == [
         "pgleakguard: error: give --dsn DSN (or set $PGLEAKGUARD_DSN)"
     ]
+
+
+def test_lock_waits_name_the_idle_transaction_that_blocks_them(pg_dsn: str) -> None:
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute("CREATE TABLE IF NOT EXISTS pgl_accounts (id int PRIMARY KEY, n int)")
+        admin.execute("INSERT INTO pgl_accounts VALUES (1, 0) ON CONFLICT DO NOTHING")
+    holder = psycopg.connect(pg_dsn, application_name="billing/pid:31")
+    holder.execute("UPDATE pgl_accounts SET n = n + 1 WHERE id = 1")
+    waiter = psycopg.connect(pg_dsn, autocommit=True, application_name="api/pid:32")
+    blocked = threading.Thread(
+        target=waiter.execute, args=("UPDATE pgl_accounts SET n = n + 1 WHERE id = 1",)
+    )
+    holder_pid, waiter_pid = holder.info.backend_pid, waiter.info.backend_pid
+    blocked.start()
+    try:
+        _wait_for_lock_wait(pg_dsn, waiter_pid)
+        doc = cli_json("diagnose", "--dsn", pg_dsn, "--long-query-threshold", "0s")
+    finally:
+        holder.rollback()
+        blocked.join()
+        holder.close()
+        waiter.close()
+    findings = {f["kind"]: f for f in doc["findings"]}
+    lock = findings["blocked"]
+    assert lock["backend_pids"] == [waiter_pid]
+    assert lock["evidence"]["blocking_pids"] == [holder_pid]
+    assert lock["summary"].endswith(
+        f"are waiting on locks; blocked by backend {holder_pid} (idle in transaction, "
+        "service billing)"
+    )
+    assert waiter_pid in findings["long_query"]["backend_pids"]
+
+
+def _wait_for_lock_wait(dsn: str, pid: int) -> None:
+    deadline = time.monotonic() + 10
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute(
+                "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", [pid]
+            ).fetchone()
+            if row and row[0] == "Lock":
+                return
+            time.sleep(0.02)
+    raise AssertionError("the second UPDATE never waited on the lock")

@@ -228,3 +228,71 @@ def test_a_missing_snapshot_file_is_one_line(tmp_path: Path) -> None:
     proc = cli("diagnose", "--snapshot", str(path))
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [f"pgleakguard: error: {path}: No such file or directory"]
+
+
+def _snapshot(tmp_path: Path, rows: list[str]) -> Path:
+    path = tmp_path / "activity.csv"
+    path.write_text("\n".join([COLUMNS, *rows]) + "\n")
+    return path
+
+
+def test_pools_holding_many_idle_connections_are_a_finding(tmp_path: Path) -> None:
+    rows = [
+        f"{100 + i},web,shop,web/pid:{900 + i % 2},10.0.0.7,2024-05-01 09:00:00+00,"
+        "2024-05-01 09:59:00+00,idle,SELECT 1,client backend"
+        for i in range(30)
+    ]
+    rows.append(
+        "200,web,shop,web/pid:900,10.0.0.7,2024-05-01 09:00:00+00,2024-05-01 09:59:59+00,"
+        "active,SELECT 2,client backend"
+    )
+    doc = cli_json(
+        "diagnose",
+        "--snapshot",
+        str(_snapshot(tmp_path, rows)),
+        "--max-connections",
+        "100",
+        "--now",
+        "2024-05-01 10:00:00+00",
+    )
+    assert doc["suspects"] == []
+    [finding] = doc["findings"]
+    assert finding["kind"] == "idle_pool"
+    assert finding["summary"] == (
+        "30 of 97 slots are idle connections kept open by service web (2 processes, 1 active "
+        "at the moment): pools larger than the work needs"
+    )
+
+
+def test_session_features_are_named_as_reasons_for_session_pooling(tmp_path: Path) -> None:
+    queries = {
+        "LISTEN orders_changed": "LISTEN",
+        "PREPARE q AS SELECT 1": "SQL PREPARE",
+        "DECLARE c CURSOR WITH HOLD FOR SELECT 1": "WITH HOLD cursors",
+        "CREATE TEMP TABLE t (x int)": "temp tables",
+        "SELECT pg_advisory_lock(42)": "advisory locks",
+        "SET search_path = app": "session SET",
+        "SET application_name = 'x'": None,  # PgBouncer tracks this one itself
+        "SET LOCAL statement_timeout = 1000": None,
+        "SELECT set_config('app.user', '7', true)": None,  # transaction-local
+    }
+    rows = [
+        f'{300 + i},app,shop,svc,,2024-05-01 09:00:00+00,2024-05-01 09:59:00+00,idle,"{q}",'
+        "client backend"
+        for i, q in enumerate(queries)
+    ]
+    doc = cli_json("diagnose", "--snapshot", str(_snapshot(tmp_path, rows)))
+    found = {f["name"]: f["backend_pids"] for f in doc["pgbouncer"]["session_features"]}
+    assert found == {
+        "LISTEN": [300],
+        "SQL PREPARE": [301],
+        "WITH HOLD cursors": [302],
+        "temp tables": [303],
+        "advisory locks": [304],
+        "session SET": [305],
+    }
+    assert doc["pgbouncer"]["pool_mode"] == "session"
+    assert (
+        ";; session pooling because of LISTEN (1 session, e.g. backend 300: LISTEN "
+        "orders_changed): notifications go to whichever client holds the server connection next"
+    ) in doc["pgbouncer"]["ini"]

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from .model import HIDDEN_STATE, STATES, ServerSettings, Session
+from .sql import quote_ident
 from .units import format_duration
 
 #: Suspect reasons (the session's state) and how a finding words them.
@@ -407,8 +408,6 @@ def long_query_findings(diag: Diagnosis) -> list[Finding]:
 
 def grant_advice(role: str | None) -> str:
     """The GRANT that lets ``role`` see every session's state and query."""
-    from .sql import quote_ident
-
     return f"GRANT pg_monitor TO {quote_ident(role) if role else '<your role>'};"
 
 

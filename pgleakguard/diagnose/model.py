@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .. import tagging
-from .units import KIB, to_epoch
+from .units import KIB, iso, to_epoch
 
 #: Every value pg_stat_activity.state can take (PostgreSQL 12 to 18).
 STATES = (
@@ -148,8 +148,6 @@ class Session:
 
     def as_dict(self, now: float) -> dict[str, Any]:
         """The JSON form used by ``diagnose --format json`` (see the README)."""
-        from .units import iso
-
         xact = None if self.xact_start is None else max(0.0, now - self.xact_start)
         return {
             "backend_pid": self.backend_pid,

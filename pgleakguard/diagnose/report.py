@@ -111,10 +111,7 @@ def as_json(report: Report) -> dict[str, Any]:
             }
             for g in diag.owners
         ],
-        "suspects": [
-            {"reason": s.reason, **s.session.as_dict(now)}
-            for s in diag.suspects
-        ],
+        "suspects": [{"reason": s.reason, **s.session.as_dict(now)} for s in diag.suspects],
         "findings": [
             {
                 "rank": rank,

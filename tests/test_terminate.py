@@ -159,6 +159,22 @@ def test_never_its_own_session_nor_background_processes(pg_dsn: str, sessions: S
     assert background and not (listed & background)
 
 
+def test_a_role_that_cannot_see_the_sessions_is_told_the_grant(
+    pg_dsn: str, sessions: Sessions
+) -> None:
+    plain = ensure_role(pg_dsn, "pgl_plain", monitor=False)
+    proc = cli("terminate", "--dsn", plain, "--idle-for", "0s", "--user", "postgres")
+    assert proc.returncode == 0, proc.stderr
+    [note] = proc.stderr.splitlines()
+    assert note.startswith("pgleakguard: note: ")
+    assert note.endswith(
+        "session(s) of other roles are hidden from pgl_plain (<insufficient privilege>) and "
+        'cannot match; to see and end them: GRANT pg_monitor, pg_signal_backend TO "pgl_plain";'
+    )
+    assert "Sessions it would end (0)" in proc.stdout
+    assert sessions.alive() == {"a", "b", "c", "d", "e"}
+
+
 def test_a_bad_state_is_one_line() -> None:
     proc = cli("terminate", "--idle-for", "10m", "--state", "sleepy")
     assert proc.returncode == 2

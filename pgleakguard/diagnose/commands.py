@@ -18,6 +18,7 @@ from typing import Any, Callable
 from . import analysis, recommend, report, snapshot
 from .model import ServerSettings, Session, Setting
 from .render import Block, Code, Heading, Table, Text, to_markdown, to_rich, to_text
+from .sql import quote_ident
 from .terminate import STATE_ALIASES, Filters, conditions, select_sql, terminate_sql
 from .units import format_duration, format_size, to_epoch
 
@@ -346,6 +347,7 @@ def terminate_command(options: argparse.Namespace) -> int:
     conn = server.connect(dsn, purpose="terminate")
     try:
         matched = _fetch(conn, select_sql(filters), dsn)
+        _warn_hidden(conn, dsn)
         if not options.execute:
             _show_plan(filters, matched, options.format, dry_run=True)
             return 0
@@ -361,6 +363,26 @@ def terminate_command(options: argparse.Namespace) -> int:
         conn.close()
     _show_result(pinned, matched, ended, options.format)
     return 0
+
+
+def _warn_hidden(conn: Any, dsn: str) -> None:
+    # Sessions this role may not see cannot match any filter: say so, and what to grant.
+    [row] = _fetch(conn, HIDDEN_SQL, dsn)
+    if row["hidden"]:
+        grant = "GRANT pg_monitor, pg_signal_backend TO " + quote_ident(str(row["role"])) + ";"
+        print(
+            f"pgleakguard: note: {row['hidden']} session(s) of other roles are hidden from "
+            f"{row['role']} (<insufficient privilege>) and cannot match; to see and end them: "
+            f"{grant}",
+            file=sys.stderr,
+        )
+
+
+#: Client sessions of other roles whose state this role may not see.
+HIDDEN_SQL = (
+    "SELECT current_user AS role, count(*) AS hidden FROM pg_stat_activity "
+    "WHERE query = '<insufficient privilege>' AND datid IS NOT NULL"
+)
 
 
 def _fetch(conn: Any, sql: str, dsn: str) -> list[dict[str, Any]]:

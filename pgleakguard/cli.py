@@ -231,8 +231,8 @@ _STATE_CHOICES = (
 #: command -> (module, function) run for it, imported only when that command runs.
 _SERVER_COMMANDS = {
     "diagnose": ("pgleakguard.diagnose.commands", "diagnose_command"),
-    "recommend": ("pgleakguard.diagnose.commands", "recommend_command"),
-    "terminate": ("pgleakguard.diagnose.commands", "terminate_command"),
+    "recommend": ("pgleakguard.diagnose.recommend_command", "recommend_command"),
+    "terminate": ("pgleakguard.diagnose.terminate_command", "terminate_command"),
     "watch": ("pgleakguard.diagnose.watch", "watch_command"),
 }
 

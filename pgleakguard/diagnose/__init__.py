@@ -4,7 +4,8 @@
 - :mod:`.analysis` breaks sessions down, finds leak suspects and ranks root causes
 - :mod:`.fixes`, :mod:`.pgbouncer`, :mod:`.recommend` say what to do about them
 - :mod:`.report` and :mod:`.render` print it as text, markdown, rich tables or JSON
-- :mod:`.commands` and :mod:`.watch` are the ``pgleakguard`` subcommands
+- :mod:`.commands` (diagnose), :mod:`.recommend_command`, :mod:`.terminate_command` and
+  :mod:`.watch` are the ``pgleakguard`` subcommands; :mod:`.terminate` builds their SQL
 
 Nothing here imports psycopg or rich at import time.
 """

@@ -169,28 +169,27 @@ def read_live(dsn: str, purpose: str, **read: Any) -> LiveRead:
 
 
 def _diagnose_live(options: argparse.Namespace, opts: analysis.Options) -> report.Report:
-    from .. import server
-
     dsn = dsn_of(options)
     assert dsn is not None
     live = read_live(dsn, "diagnose", client_backends_only=not options.all_backends)
-    diag = analysis.diagnose(
+    return report.build(live_diagnosis(live, opts, dsn), live.advisory_lock_pids, live.upstream)
+
+
+def live_diagnosis(live: LiveRead, opts: analysis.Options, dsn: str) -> analysis.Diagnosis:
+    """The diagnosis of one read of a live server (the moment is the server's now())."""
+    from .. import server
+
+    return analysis.diagnose(
         [Session.from_row(r) for r in live.rows],
         live.settings,
         opts,
-        _now_of(live.rows),
+        to_epoch(live.rows[0].get("now")) if live.rows else None,
         source=server.redact_dsn(dsn),
         source_kind="dsn",
         role=live.role,
         self_pid=live.self_pid,
         blockers=live.blockers,
     )
-    return report.build(diag, live.advisory_lock_pids, live.upstream)
-
-
-def _now_of(rows: Sequence[dict[str, Any]]) -> float | None:
-    # Every row carries the server's now(); with no rows there is nothing to measure.
-    return to_epoch(rows[0].get("now")) if rows else None
 
 
 def _with_pgbouncer_site(rep: report.Report, options: argparse.Namespace) -> report.Report:

@@ -8,10 +8,9 @@ import time
 from typing import Any
 
 from . import analysis, report
-from .commands import CommandError, analysis_options, dsn_of, psycopg_error
-from .model import Session
+from .commands import CommandError, analysis_options, dsn_of, live_diagnosis, psycopg_error
 from .render import Block, Heading, Table, Text, to_rich, to_text
-from .units import format_duration, iso, to_epoch
+from .units import format_duration, iso
 
 _TOP = 10
 
@@ -77,19 +76,8 @@ def read_frame(conn: Any, options: argparse.Namespace, dsn: str) -> list[Block]:
         live = server.read_server(conn, progress=True)
     except Exception as exc:
         raise psycopg_error(exc, dsn) from None
-    now = to_epoch(live.rows[0]["now"]) if live.rows else time.time()
-    diag = analysis.diagnose(
-        [Session.from_row(r) for r in live.rows],
-        live.settings,
-        analysis_options(options),
-        now,
-        source=server.redact_dsn(dsn),
-        source_kind="dsn",
-        role=live.role,
-        self_pid=live.self_pid,
-        blockers=live.blockers,
-    )
-    return frame(diag, live.progress, None if options.once else now)
+    diag = live_diagnosis(live, analysis_options(options), dsn)
+    return frame(diag, live.progress, None if options.once else diag.now)
 
 
 def watch_command(options: argparse.Namespace) -> int:

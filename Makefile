@@ -33,6 +33,7 @@ lint: $(VENV)/.dev
 
 bench: $(VENV)/.test
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/diagnose.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

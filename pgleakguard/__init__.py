@@ -24,6 +24,7 @@ from .events import (
     ReturnedEvent,
 )
 from .integrations import DidNotEnable
+from .server import Correlation, correlate
 
 __all__ = [
     "GARBAGE_COLLECTED",
@@ -36,12 +37,14 @@ __all__ = [
     "CallSite",
     "CheckoutInfo",
     "Config",
+    "Correlation",
     "DidNotEnable",
     "Event",
     "LeakEvent",
     "ReturnedEvent",
     "__version__",
     "check",
+    "correlate",
     "install",
     "instrument_engine",
     "open_checkouts",

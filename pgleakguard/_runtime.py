@@ -40,6 +40,10 @@ class Installed:
             )
             self.tracker.telemetry = telemetry
             self.dispatcher.sinks.append(telemetry)
+        if config.activity_dsn:
+            from .server import ActivityLookup
+
+            self.delivery.enrich = ActivityLookup(config.activity_dsn)
         self.integrations: list[Integration] = []
 
 
@@ -57,7 +61,7 @@ def install(**options: Any) -> Config:
 
     Options (all optional; each can also come from ``PGLEAKGUARD_<OPTION>``): service,
     leak_threshold, idle_in_transaction_threshold, capture_stack, stack_depth, on_leak,
-    integrations, log_level, ignore_modules, tag_application_name, jsonl_path.
+    integrations, log_level, ignore_modules, tag_application_name, jsonl_path, activity_dsn.
     Calling it again with the same options does nothing; with other options it re-installs.
     """
     global _state
@@ -124,9 +128,9 @@ def check() -> None:
     """Run one watchdog scan now and deliver every pending event (tests, shutdown hooks)."""
     state = _state
     if state is not None:
-        state.delivery.drain(timeout=10.0)
         state.watchdog.scan()
-        state.tracker.flush()
+        state.tracker.flush(state.delivery.put)
+        state.delivery.drain(timeout=10.0)
 
 
 def stats() -> dict[str, Any]:

@@ -11,6 +11,7 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 from .config import Config
 
@@ -25,8 +26,219 @@ _RUN_OPTIONS = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _duration(text: str) -> float:
+    from .diagnose.units import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _size(text: str) -> int:
+    from .diagnose.units import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def _timestamp(text: str) -> float:
+    from .diagnose.units import parse_timestamp
+
+    try:
+        return parse_timestamp(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (e.g. 2024-05-01 10:00:00+00)") from None
+
+
+_DSN_HELP = "libpq connection string or URI (default: $PGLEAKGUARD_DSN)"
+_FORMATS = ("text", "json", "markdown")
+
+
+def _add_thresholds(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--idle-threshold",
+        type=_duration,
+        default=600.0,
+        metavar="DURATION",
+        help="an idle session is a leak suspect after this long (default 10m)",
+    )
+    parser.add_argument(
+        "--idle-in-transaction-threshold",
+        type=_duration,
+        default=10.0,
+        metavar="DURATION",
+        help="idle in (aborted) transaction: a suspect after this long (default 10s)",
+    )
+    parser.add_argument(
+        "--long-query-threshold",
+        type=_duration,
+        default=300.0,
+        metavar="DURATION",
+        help="an active query running this long is reported (default 5m)",
+    )
+
+
+def _add_pgbouncer(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pgbouncer-out", metavar="FILE", help="write the pgbouncer.ini here")
+    parser.add_argument(
+        "--pgbouncer-listen", metavar="HOST:PORT", help="listen_addr:listen_port (127.0.0.1:6432)"
+    )
+    parser.add_argument(
+        "--pgbouncer-auth-file", metavar="FILE", help="auth_file (/etc/pgbouncer/userlist.txt)"
+    )
+    parser.add_argument(
+        "--pgbouncer-auth-type",
+        choices=("scram-sha-256", "md5", "trust", "hba", "cert"),
+        help="auth_type (scram-sha-256)",
+    )
+
+
+def _server_parsers(sub: Any) -> None:
+    diagnose = sub.add_parser(
+        "diagnose",
+        help="why connections ran out: breakdown, leak suspects, triage SQL and fixes",
+        description="Read pg_stat_activity from a server (--dsn) or an exported snapshot "
+        "(--snapshot: CSV with header, JSON, or psql table output) and print the breakdown, "
+        "the leak suspects with service, pid and call-site from pgleakguard's tags, ranked "
+        "findings, emergency triage SQL and permanent fixes.",
+    )
+    source = diagnose.add_mutually_exclusive_group()
+    source.add_argument("--dsn", help=_DSN_HELP)
+    source.add_argument("--snapshot", metavar="FILE", help="an exported pg_stat_activity")
+    diagnose.add_argument("--format", choices=_FORMATS, default="text")
+    _add_thresholds(diagnose)
+    diagnose.add_argument(
+        "--all-backends",
+        action="store_true",
+        help="include non-client backends (workers, replication)",
+    )
+    snap = diagnose.add_argument_group("snapshot context (what a file cannot say)")
+    snap.add_argument("--max-connections", type=_positive, metavar="N")
+    snap.add_argument(
+        "--reserved-connections",
+        type=int,
+        metavar="N",
+        help="superuser_reserved_connections + reserved_connections (default 3)",
+    )
+    snap.add_argument("--server-version", type=_positive, metavar="MAJOR", help="e.g. 15")
+    snap.add_argument(
+        "--now",
+        type=_timestamp,
+        metavar="TIMESTAMP",
+        help="when the snapshot was taken (default: its now column, else its newest timestamp)",
+    )
+    _add_pgbouncer(diagnose)
+
+    recommend = sub.add_parser(
+        "recommend",
+        help="safe max_connections from RAM, pool sizes, and a pgbouncer.ini",
+        description="Work out a safe max_connections from the machine's RAM, shared_buffers, "
+        "work_mem and worker settings (read from --dsn when given), showing the arithmetic, "
+        "and write a pgbouncer.ini.",
+    )
+    recommend.add_argument("--ram", type=_size, required=True, metavar="SIZE", help="e.g. 16GB")
+    recommend.add_argument("--dsn", help=_DSN_HELP + "; optional here")
+    recommend.add_argument(
+        "--instances",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="application instances, each with its own pool (default 1)",
+    )
+    recommend.add_argument("--cpus", type=_positive, metavar="N", help="CPU cores of the server")
+    recommend.add_argument("--work-mem", type=_size, metavar="SIZE")
+    recommend.add_argument("--shared-buffers", type=_size, metavar="SIZE")
+    recommend.add_argument("--format", choices=_FORMATS, default="text")
+    _add_pgbouncer(recommend)
+
+    terminate = sub.add_parser(
+        "terminate",
+        help="end leaked sessions (dry run unless --execute)",
+        description="List the sessions in the given states for longer than --idle-for, and "
+        "with --execute end them with pg_terminate_backend. Never ends its own session, "
+        "replication or background workers, nor superusers' sessions without "
+        "--include-superusers.",
+    )
+    terminate.add_argument("--dsn", help=_DSN_HELP)
+    terminate.add_argument(
+        "--idle-for",
+        type=_duration,
+        required=True,
+        metavar="DURATION",
+        help="time in the state, from state_change, e.g. 10m",
+    )
+    terminate.add_argument(
+        "--state",
+        action="append",
+        choices=sorted(_STATE_CHOICES),
+        metavar="STATE",
+        help="idle, idle-in-transaction, aborted, active (repeatable; default: the idle ones)",
+    )
+    terminate.add_argument("--user", metavar="ROLE")
+    terminate.add_argument(
+        "--application",
+        metavar="NAME",
+        help="application_name, or a service name from pgleakguard tags",
+    )
+    terminate.add_argument("--database", metavar="DB")
+    terminate.add_argument("--include-superusers", action="store_true")
+    terminate.add_argument("--execute", action="store_true", help="really end them")
+    terminate.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    terminate.add_argument("--format", choices=("text", "json"), default="text")
+
+    watch = sub.add_parser(
+        "watch",
+        help="live view of the breakdown, suspects and running queries",
+        description="Refresh the breakdown by state and owner, the leak suspects and the "
+        "running queries (with the progress of long operations) every --interval seconds; "
+        "Ctrl-C quits.",
+    )
+    watch.add_argument("--dsn", help=_DSN_HELP)
+    watch.add_argument(
+        "--interval", type=_duration, default=2.0, metavar="SECONDS", help="default 2"
+    )
+    watch.add_argument("--once", action="store_true", help="print one frame and exit")
+    _add_thresholds(watch)
+
+
+# The states --state accepts (kept here so building the parser imports nothing else).
+_STATE_CHOICES = (
+    "idle",
+    "idle-in-transaction",
+    "aborted",
+    "idle-in-transaction-aborted",
+    "active",
+    "fastpath",
+    "disabled",
+)
+
+#: command -> (module, function) run for it, imported only when that command runs.
+_SERVER_COMMANDS = {
+    "diagnose": ("pgleakguard.diagnose.commands", "diagnose_command"),
+    "recommend": ("pgleakguard.diagnose.recommend_command", "recommend_command"),
+    "terminate": ("pgleakguard.diagnose.terminate_command", "terminate_command"),
+    "watch": ("pgleakguard.diagnose.watch", "watch_command"),
+}
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pgleakguard",
         description="Find PostgreSQL connection leaks and name the line of code behind them.",
     )
@@ -52,6 +264,7 @@ def _parser() -> argparse.ArgumentParser:
         "script", help="the Python program to run, e.g. examples/psycopg_pool_leak.py"
     )
     demo.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the program")
+    _server_parsers(sub)
     return parser
 
 
@@ -114,7 +327,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = _parser().parse_args(argv)
     if options.command == "run":
         return run_command(options)
-    return demo_command(options)
+    if options.command == "demo":
+        return demo_command(options)
+    import importlib
+
+    from .diagnose.commands import run
+
+    module, function = _SERVER_COMMANDS[options.command]
+    return run(getattr(importlib.import_module(module), function), options)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -71,6 +71,10 @@ class Config:
     #: OpenTelemetry providers to use instead of the global ones (keyword only).
     meter_provider: Any = None
     tracer_provider: Any = None
+    #: When set, the watchdog thread adds each leak's pg_stat_activity row to its report,
+    #: read over its own short-lived connection to this DSN (``pg_monitor`` is enough).
+    #: Left out of repr(): a DSN may hold a password.
+    activity_dsn: str | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> Config:
@@ -157,7 +161,7 @@ def _convert(name: str, value: Any, from_env: str | None) -> Any:
         if value is not None and not callable(value):
             raise _bad(name, value, "a callable taking one event, or None", from_env)
         return value
-    # service, jsonl_path: strings
+    # service, jsonl_path, activity_dsn: strings
     if value is not None and not isinstance(value, str):
         raise _bad(name, value, "a string", from_env)
     return value or None

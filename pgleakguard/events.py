@@ -116,7 +116,7 @@ class LeakEvent(CheckoutInfo):
             "  " + " ".join(facts),
             "  " + " ".join(state),
         ]
-        lines.extend(f"  {key}={value}" for key, value in sorted(self.details.items()))
+        lines.extend(_detail(key, value) for key, value in sorted(self.details.items()))
         if self.trace_id:
             lines.append(f"  trace_id={self.trace_id} span_id={self.span_id}")
         if self.stack:
@@ -158,6 +158,17 @@ class ReturnedEvent:
 
 
 Event = Union[LeakEvent, ReturnedEvent]
+
+
+def _detail(key: str, value: Any) -> str:
+    # A dict (the pg_stat_activity row) on one line: "key: a=1 b='two words'".
+    if isinstance(value, dict):
+        shown = (
+            f"{k}={v!r}" if isinstance(v, str) and " " in v else f"{k}={v}"
+            for k, v in value.items()
+        )
+        return f"  {key}: " + " ".join(shown)
+    return f"  {key}={value}"
 
 
 def _secs(value: float) -> str:

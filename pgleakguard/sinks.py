@@ -67,6 +67,9 @@ class Delivery:
         self._thread: threading.Thread | None = None
         #: Events dropped because the queue was full.
         self.dropped = 0
+        #: Adds server-side context to a batch of events before the sinks see it
+        #: (``activity_dsn``); runs here, never in the watchdog or the user's threads.
+        self.enrich: Callable[[list[Event]], None] | None = None
 
     def put(self, event: Event) -> None:
         with self._cond:
@@ -89,13 +92,18 @@ class Delivery:
                     self._cond.wait()
                 if not self._queue:
                     return
-                event = self._queue.popleft()
-                self._busy += 1
+                batch = list(self._queue)
+                self._queue.clear()
+                self._busy += len(batch)
             try:
-                self._dispatch(event)
+                if self.enrich is not None:
+                    with guard():
+                        self.enrich(batch)
+                for event in batch:
+                    self._dispatch(event)
             finally:
                 with self._cond:
-                    self._busy -= 1
+                    self._busy -= len(batch)
                     self._cond.notify_all()
 
     def drain(self, timeout: float) -> bool:

@@ -1,7 +1,10 @@
-"""application_name tags: ``service/pid:1234`` or ``service/pid:1234/orders.py:42``.
+"""Tags that pg_stat_activity shows: application_name and sqlcommenter SQL comments.
 
-Built from ``[A-Za-z0-9._:/@-]`` only and never longer than PostgreSQL's 63 bytes, so the
-server keeps them intact; :func:`parse` reads them back from pg_stat_activity.
+application_name is ``service/pid:1234`` or ``service/pid:1234/orders.py:42``, built from
+``[A-Za-z0-9._:/@-]`` only and never longer than PostgreSQL's 63 bytes, so the server keeps
+it intact; :func:`parse` reads it back. :func:`sql_comment` builds a comment to append to a
+query (``/*callsite='orders.py:42',pid='4123',service='billing'*/``) and
+:func:`parse_sql_comment` reads it back from the last query of a session.
 """
 
 from __future__ import annotations
@@ -101,29 +104,66 @@ def parse(application_name: str | None) -> Tag | None:
     )
 
 
-_COMMENT = re.compile(r"/\*(?P<body>[^*]*(?:\*(?!/)[^*]*)*)\*/\s*;?\s*$")
-_PAIR = re.compile(r"([A-Za-z0-9_.-]+)='([^']*)'")
-_VALUE_BAD = re.compile(r"[^A-Za-z0-9._:/@-]+")
+# -- SQL comments (sqlcommenter format) ---------------------------------------------------
+
+#: Characters a SQL-comment value keeps; anything else becomes ``-``. Every one of them is
+#: left alone by URL-encoding, so the comment is valid sqlcommenter and never holds a ``%``
+#: (psycopg would read a ``%`` as a placeholder).
+_COMMENT_VALUE_BAD = re.compile(r"[^A-Za-z0-9._:/@-]")
+_COMMENT_KEY_BAD = re.compile(r"[^A-Za-z0-9_]")
+_PAIR = re.compile(r"\s*(?P<key>[^=,\s]+)\s*=\s*'(?P<value>(?:[^'\\]|\\.)*)'\s*(?:,|$)")
 
 
-def sql_comment(**tags: str) -> str:
-    """A sqlcommenter comment: sorted ``key='value'`` pairs, appended to a statement.
+def sql_comment(**tags: object) -> str:
+    """A sqlcommenter comment ``/*key='value',...*/`` for ``tags``, to append to a query.
 
-    Values are reduced to ``[A-Za-z0-9._:/@-]`` (other characters become ``-``), which URL
-    decoding leaves unchanged: the comment needs no percent-encoding and so never contains
-    ``%``, which psycopg would read as a placeholder.
+    Keys are sorted; ``None`` values are left out. Values are reduced to
+    ``[A-Za-z0-9._:/@-]`` (anything else becomes ``-``), which URL-encoding leaves as is: the
+    comment is sqlcommenter-compatible and never contains ``%``. Use ``callsite``
+    (``orders.py:42``), ``service`` and ``pid``.
     """
-    pairs = ",".join(
-        f"{key}='{_VALUE_BAD.sub('-', str(value))}'" for key, value in sorted(tags.items()) if value
-    )
-    return f"/*{pairs}*/"
+    pairs = []
+    for key in sorted(tags):
+        value = tags[key]
+        if value is None:
+            continue
+        clean_key = _COMMENT_KEY_BAD.sub("_", key)
+        pairs.append(f"{clean_key}='{_COMMENT_VALUE_BAD.sub('-', str(value))}'")
+    return "/*" + ",".join(pairs) + "*/" if pairs else ""
+
+
+def _trailing_comment(query: str) -> tuple[int, str] | None:
+    # (where the comment starts, its body) for a /*...*/ closing the query (before any ";").
+    end = len(query.rstrip().rstrip(";").rstrip())
+    if not query.endswith("*/", 0, end):
+        return None
+    start = query.rfind("/*", 0, end - 2)
+    return None if start < 0 else (start, query[start + 2 : end - 2])
+
+
+def strip_sql_comment(query: str) -> str:
+    """``query`` without a trailing sqlcommenter comment (for display: the tags are shown
+    in their own columns)."""
+    found = _trailing_comment(query) if "*/" in query else None
+    return query[: found[0]].rstrip() if found is not None and "='" in found[1] else query
 
 
 def parse_sql_comment(query: str | None) -> dict[str, str]:
-    """The ``key='value'`` pairs of a trailing sqlcommenter comment (URL-decoded)."""
-    if not query:
+    """The ``key='value'`` pairs of a sqlcommenter comment at the end of ``query``.
+
+    Values are URL-decoded; a query without such a comment gives ``{}``.
+    """
+    found = _trailing_comment(query) if query and "*/" in query else None
+    if found is None:
         return {}
-    m = _COMMENT.search(query)
-    if m is None:
-        return {}
-    return {key: unquote(value) for key, value in _PAIR.findall(m.group("body"))}
+    body = found[1].strip()
+    tags: dict[str, str] = {}
+    pos = 0
+    while pos < len(body):
+        pair = _PAIR.match(body, pos)
+        if pair is None:
+            return {}
+        key, value = pair.group("key"), pair.group("value").replace("\\'", "'")
+        tags[unquote(key) if "%" in key else key] = unquote(value) if "%" in value else value
+        pos = pair.end()
+    return tags

@@ -334,19 +334,22 @@ class Tracker:
         """Turn queued findings into events and hand them, in order, to ``deliver``
         (default: straight to the sinks, in the calling thread)."""
         deliver = deliver or self._dispatch
+        events: list[Event] = []
         while True:
             try:
                 kind, rec, details = self._pending.popleft()
             except IndexError:
-                return
+                break
             with guard():
                 if kind == "returned":
-                    event: Event = self._returned_event(rec)
+                    events.append(self._returned_event(rec))
                 else:
                     if kind not in rec.reported:
                         rec.reported += (kind,)
-                    event = self.leak_event(rec, kind, details)
+                    events.append(self.leak_event(rec, kind, details))
                     self.leak_counts[kind] = self.leak_counts.get(kind, 0) + 1
+        for event in events:
+            with guard():
                 deliver(event)
 
     def leak_event(

@@ -73,3 +73,48 @@ def test_tagging_can_be_turned_off(pg_dsn: str, install: object) -> None:
     install(tag_application_name=False)  # type: ignore[operator]
     with psycopg.connect(pg_dsn, application_name="mine") as conn:
         assert conn.info.parameter_status("application_name") == "mine"
+
+
+def test_sql_comment_round_trip() -> None:
+    comment = tagging.sql_comment(service="billing", pid=4123, callsite="orders.py:42")
+    assert comment == "/*callsite='orders.py:42',pid='4123',service='billing'*/"
+    query = "SELECT * FROM orders " + comment
+    assert tagging.parse_sql_comment(query) == {
+        "callsite": "orders.py:42",
+        "pid": "4123",
+        "service": "billing",
+    }
+    assert tagging.strip_sql_comment(query) == "SELECT * FROM orders"
+    assert tagging.parse_sql_comment("SELECT 1") == {}
+    assert tagging.parse_sql_comment("SELECT 1 /* a plain comment */") == {}
+    # sqlcommenter values are URL-encoded; other tools' comments are read too.
+    assert tagging.parse_sql_comment("SELECT 1 /*route='%2Fapi%2Fv1',db_driver='x'*/;") == {
+        "route": "/api/v1",
+        "db_driver": "x",
+    }
+
+
+@given(values=st.dictionaries(st.from_regex(r"[a-z_]{1,10}", fullmatch=True), st.text(max_size=40)))
+def test_any_sql_comment_is_parseable_and_has_no_percent(values: dict[str, str]) -> None:
+    comment = tagging.sql_comment(**values)
+    assert "%" not in comment
+    parsed = tagging.parse_sql_comment("SELECT 1 " + comment)
+    assert set(parsed) == set(values)
+    for key, value in values.items():
+        assert parsed[key] == re.sub(r"[^A-Za-z0-9._:/@-]", "-", value)
+
+
+def test_a_psycopg_query_with_the_comment_runs_and_shows_it(pg_dsn: str) -> None:
+    comment = tagging.sql_comment(callsite="orders.py:42", service="billing 100%")
+    with psycopg.connect(pg_dsn) as conn, psycopg.connect(pg_dsn) as observer:
+        # No placeholder confusion: the comment has no "%" even when a value had one.
+        conn.execute("SELECT %s " + comment, [1])
+        row = observer.execute(
+            "SELECT query FROM pg_stat_activity WHERE pid = %s", [conn.info.backend_pid]
+        ).fetchone()
+    assert row is not None
+    assert row[0] == "SELECT $1 " + comment
+    assert tagging.parse_sql_comment(row[0]) == {
+        "callsite": "orders.py:42",
+        "service": "billing-100-",
+    }

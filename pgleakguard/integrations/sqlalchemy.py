@@ -364,7 +364,7 @@ class SQLAlchemyIntegration(Integration):
             if len(self._comments) > 10_000:
                 self._comments.clear()
             comment = self._comments[key] = tagging.sql_comment(
-                callsite=site.short, service=rec.service or "", pid=str(key[1])
+                callsite=site.short, service=rec.service, pid=str(key[1])
             )
         return comment
 

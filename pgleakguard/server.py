@@ -1,0 +1,455 @@
+"""The server's side: pg_stat_activity (version-aware SQL), settings, and the join with checkouts.
+
+Works for PostgreSQL 12 to 18 and for a role with ``pg_monitor`` (no superuser needed).
+psycopg is imported only when a function here talks to a server, so importing this module
+costs nothing. DSNs are shown only through :func:`redact_dsn`: no password reaches any
+output or log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from .events import CheckoutInfo, Event, LeakEvent
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from .diagnose.model import ServerSettings
+
+#: Settings diagnose and recommend read (those a version lacks are simply absent).
+SETTINGS = (
+    "max_connections",
+    "superuser_reserved_connections",
+    "reserved_connections",
+    "shared_buffers",
+    "work_mem",
+    "maintenance_work_mem",
+    "autovacuum_work_mem",
+    "hash_mem_multiplier",
+    "max_worker_processes",
+    "max_parallel_workers",
+    "autovacuum_max_workers",
+    "max_wal_senders",
+    "statement_timeout",
+    "lock_timeout",
+    "idle_in_transaction_session_timeout",
+    "idle_session_timeout",
+    "transaction_timeout",
+    "client_connection_check_interval",
+    "tcp_keepalives_idle",
+    "tcp_keepalives_interval",
+    "tcp_keepalives_count",
+    "track_activity_query_size",
+    "port",
+    "unix_socket_directories",
+    "listen_addresses",
+)
+
+#: pg_stat_activity columns read, with the major version that introduced each (12 = always).
+ACTIVITY_COLUMNS: tuple[tuple[str, int], ...] = (
+    ("datname", 12),
+    ("pid", 12),
+    ("leader_pid", 13),
+    ("usename", 12),
+    ("application_name", 12),
+    ("client_addr", 12),
+    ("client_hostname", 12),
+    ("client_port", 12),
+    ("backend_start", 12),
+    ("xact_start", 12),
+    ("query_start", 12),
+    ("state_change", 12),
+    ("wait_event_type", 12),
+    ("wait_event", 12),
+    ("state", 12),
+    ("query_id", 14),
+    ("query", 12),
+    ("backend_type", 12),
+)
+_CAST = {"client_addr": "host(a.client_addr)"}
+_NULL_CAST = {"leader_pid": "NULL::integer", "query_id": "NULL::bigint"}
+
+#: The fields of a pg_stat_activity row put into leak reports and correlations.
+ROW_FIELDS = (
+    "state",
+    "state_change",
+    "xact_start",
+    "query_start",
+    "wait_event_type",
+    "wait_event",
+    "backend_type",
+    "query",
+)
+
+_KV_PASSWORD = re.compile(r"(?i)\bpassword\s*=\s*('(?:[^'\\]|\\.)*'|\S+)")
+
+
+class ServerError(Exception):
+    """Talking to the server failed; the message is one line and holds no password."""
+
+
+def redact_dsn(dsn: str) -> str:
+    """``dsn`` with any password removed (URI and ``key=value`` forms)."""
+    if "://" not in dsn:
+        return " ".join(_KV_PASSWORD.sub("", dsn).split())
+    parts = urlsplit(dsn)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hosts = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}@{hosts}" if user else hosts
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k.lower() != "password"]
+    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query, safe="/"), ""))
+
+
+def _password_of(dsn: str) -> str | None:
+    if "://" in dsn:
+        parts = urlsplit(dsn)
+        for key, value in parse_qsl(parts.query):
+            if key.lower() == "password":
+                return value
+        return parts.password
+    m = _KV_PASSWORD.search(dsn)
+    return m.group(1).strip("'") if m else None
+
+
+def scrub(message: str, dsn: str) -> str:
+    """An error message on one line, with the DSN's password (if any) masked."""
+    password = _password_of(dsn)
+    text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    if password:
+        text = text.replace(password, "***")
+    return text
+
+
+def _psycopg() -> Any:
+    try:
+        import psycopg
+    except ImportError:
+        raise ServerError(
+            "talking to PostgreSQL needs psycopg: pip install 'pgleakguard[cli]'"
+        ) from None
+    return psycopg
+
+
+def connect(
+    dsn: str, *, purpose: str = "cli", timeout: float = 5.0, statement_timeout: float = 10.0
+) -> psycopg.Connection[Any]:
+    """An autocommit connection for pgleakguard's own queries, never tracked as a checkout.
+
+    Raises :class:`ServerError` with a one-line, password-free message.
+    """
+    pg = _psycopg()
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(dsn)
+    except pg.Error as exc:
+        raise ServerError(f"bad DSN {redact_dsn(dsn)!r}: {scrub(str(exc), dsn)}") from None
+    kwargs: dict[str, Any] = {"autocommit": True, "connect_timeout": max(1, int(timeout))}
+    if "application_name" not in params:
+        kwargs["application_name"] = f"pgleakguard-{purpose}"
+    try:
+        conn: psycopg.Connection[Any] = pg.connect(dsn, **kwargs)
+    except pg.Error as exc:
+        raise ServerError(f"cannot connect to {redact_dsn(dsn)}: {scrub(str(exc), dsn)}") from None
+    _untrack(conn)
+    try:
+        conn.execute(f"SET statement_timeout = {int(statement_timeout * 1000)}")
+    except pg.Error as exc:
+        conn.close()
+        raise ServerError(scrub(str(exc), dsn)) from None
+    return conn
+
+
+def _untrack(conn: Any) -> None:
+    # pgleakguard's own connection is not the user's checkout: take it out of the registry.
+    from . import _runtime
+    from .tracker import CHECKOUT_ATTR
+
+    rec = conn.__dict__.pop(CHECKOUT_ATTR, None)
+    state = _runtime.current()
+    if rec is not None and state is not None:
+        state.tracker.end(rec)
+
+
+def read_settings(conn: psycopg.Connection[Any]) -> ServerSettings:
+    """The server's version and the :data:`SETTINGS` it has (pg_settings is readable by all)."""
+    from .diagnose.model import ServerSettings, Setting
+
+    rows = conn.execute(
+        "SELECT name, setting, unit FROM pg_settings WHERE name = ANY(%s)", [list(SETTINGS)]
+    ).fetchall()
+    version = conn.execute("SELECT current_setting('server_version')").fetchone()
+    return ServerSettings(
+        version_num=conn.info.server_version,
+        version=str(version[0]) if version else None,
+        values={name: Setting(str(value), unit) for name, value, unit in rows},
+    )
+
+
+def activity_sql(version_num: int, *, client_backends_only: bool = True) -> str:
+    """The pg_stat_activity query for a server version (12 to 18).
+
+    Columns the version lacks come back as NULL under the same name; ``now`` is the moment
+    of the read. Only client backends unless ``client_backends_only`` is false.
+    """
+    major = version_num // 10000
+    columns = ["now() AS now"]
+    for name, since in ACTIVITY_COLUMNS:
+        expr = _CAST.get(name, f"a.{name}") if major >= since else _NULL_CAST[name]
+        columns.append(expr if expr == f"a.{name}" else f"{expr} AS {name}")
+    # A role without pg_read_all_stats sees no backend_type for other roles' sessions; those
+    # attached to a database are client sessions (rarely an autovacuum worker).
+    where = (
+        "\nWHERE a.backend_type = 'client backend'"
+        "\n   OR (a.backend_type IS NULL AND a.datid IS NOT NULL)"
+        if client_backends_only
+        else ""
+    )
+    return (
+        "SELECT "
+        + ",\n       ".join(columns)
+        + "\nFROM pg_stat_activity AS a"
+        + where
+        + "\nORDER BY a.pid"
+    )
+
+
+def read_activity(
+    conn: psycopg.Connection[Any], version_num: int, *, client_backends_only: bool = True
+) -> list[dict[str, Any]]:
+    """pg_stat_activity rows as dicts keyed by column name (see :func:`activity_sql`)."""
+    from psycopg.rows import dict_row
+
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(activity_sql(version_num, client_backends_only=client_backends_only))
+        return cur.fetchall()
+
+
+def whoami(conn: psycopg.Connection[Any]) -> tuple[str, int]:
+    """The role this connection runs as and its own backend pid."""
+    row = conn.execute("SELECT current_user, pg_backend_pid()").fetchone()
+    assert row is not None
+    return str(row[0]), int(row[1])
+
+
+def advisory_lock_holders(conn: psycopg.Connection[Any]) -> list[int]:
+    """Backend pids holding advisory locks (pg_locks is readable by every role)."""
+    rows = conn.execute(
+        "SELECT DISTINCT pid FROM pg_locks WHERE locktype = 'advisory' AND pid IS NOT NULL "
+        "ORDER BY pid"
+    ).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+def lock_blockers(conn: psycopg.Connection[Any]) -> dict[int, list[int]]:
+    """For each session waiting on a lock, the backend pids blocking it."""
+    rows = conn.execute(
+        "SELECT pid, pg_blocking_pids(pid) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+    ).fetchall()
+    return {int(pid): sorted(int(b) for b in blockers or []) for pid, blockers in rows}
+
+
+@dataclasses.dataclass
+class LiveRead:
+    """One read of a live server: settings, sessions and the context diagnose uses."""
+
+    settings: ServerSettings
+    rows: list[dict[str, Any]]
+    role: str
+    self_pid: int
+    advisory_lock_pids: list[int]
+    blockers: dict[int, list[int]]
+    #: ``host=... port=...`` of this server, for a pgbouncer.ini.
+    upstream: str
+    #: Backend pid -> progress of its long operation (only when asked for).
+    progress: dict[int, str]
+
+
+def read_server(
+    conn: psycopg.Connection[Any], *, client_backends_only: bool = True, progress: bool = False
+) -> LiveRead:
+    """Everything diagnose and watch read from a live server, in one go."""
+    settings = read_settings(conn)
+    version = settings.version_num or conn.info.server_version
+    role, self_pid = whoami(conn)
+    host = conn.info.host
+    host_part = f"host={host}" if host and " " not in host else f"host='{host}'"
+    return LiveRead(
+        settings=settings,
+        rows=read_activity(conn, version, client_backends_only=client_backends_only),
+        role=role,
+        self_pid=self_pid,
+        advisory_lock_pids=advisory_lock_holders(conn),
+        blockers=lock_blockers(conn),
+        upstream=f"{host_part} port={conn.info.port}",
+        progress=read_progress(conn, version) if progress else {},
+    )
+
+
+#: (view, first version, label, SQL giving "done" and "total" per pid) for long operations.
+_PROGRESS = (
+    ("pg_stat_progress_vacuum", 12, "VACUUM", "heap_blks_scanned", "heap_blks_total", "blocks"),
+    ("pg_stat_progress_create_index", 12, "CREATE INDEX", "blocks_done", "blocks_total", "blocks"),
+    ("pg_stat_progress_cluster", 12, "CLUSTER", "heap_blks_scanned", "heap_blks_total", "blocks"),
+    (
+        "pg_stat_progress_analyze",
+        13,
+        "ANALYZE",
+        "sample_blks_scanned",
+        "sample_blks_total",
+        "blocks",
+    ),
+    ("pg_stat_progress_basebackup", 13, "BASE BACKUP", "backup_streamed", "backup_total", "bytes"),
+    ("pg_stat_progress_copy", 14, "COPY", "tuples_processed", "NULL::bigint", "tuples"),
+)
+
+
+def read_progress(conn: psycopg.Connection[Any], version_num: int) -> dict[int, str]:
+    """What each long operation has done so far, by backend pid (pg_stat_progress_* views)."""
+    major = version_num // 10000
+    parts = []
+    for view, since, label, done, total, unit in _PROGRESS:
+        if major >= since:
+            what = "p.command" if view.endswith(("copy", "cluster")) else f"'{label}'"
+            parts.append(
+                f"SELECT p.pid, {what}, p.{done}::bigint, {_col(total)}::bigint, '{unit}' "
+                f"FROM {view} AS p"
+            )
+    out: dict[int, str] = {}
+    for pid, label, done, total, unit in conn.execute(" UNION ALL ".join(parts)).fetchall():
+        out[int(pid)] = progress_text(str(label), done, total, str(unit))
+    return out
+
+
+def _col(expr: str) -> str:
+    return expr if expr.startswith("NULL") else f"p.{expr}"
+
+
+def progress_text(label: str, done: int | None, total: int | None, unit: str) -> str:
+    """``CREATE INDEX 45% (4500 of 10000 blocks)`` or ``COPY FROM 1200 tuples``."""
+    if done is None:
+        return label
+    if total:
+        return f"{label} {100 * done / total:.0f}% ({done} of {total} {unit})"
+    return f"{label} {done} {unit}"
+
+
+# -- in-process correlation -------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Correlation:
+    """One open checkout and its pg_stat_activity row (``None`` when the server has none)."""
+
+    checkout: CheckoutInfo
+    activity: dict[str, Any] | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: the checkout's fields and ``pg_stat_activity``."""
+        out = self.checkout.as_dict()
+        out["pg_stat_activity"] = self.activity
+        return out
+
+
+def activity_rows(conn: psycopg.Connection[Any], pids: Sequence[int]) -> dict[int, dict[str, Any]]:
+    """pg_stat_activity rows for ``pids``: :data:`ROW_FIELDS`, timestamps as ISO text."""
+    if not pids:
+        return {}
+    from psycopg.rows import dict_row
+
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            "SELECT pid, " + ", ".join(ROW_FIELDS) + " FROM pg_stat_activity WHERE pid = ANY(%s)",
+            [list(pids)],
+        )
+        rows = cur.fetchall()
+    return {int(row["pid"]): _json_row(row) for row in rows}
+
+
+def _json_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    from .diagnose.units import iso, to_epoch
+
+    out: dict[str, Any] = {}
+    for name in ROW_FIELDS:
+        value = row.get(name)
+        out[name] = iso(to_epoch(value)) if name.endswith(("_start", "_change")) else value
+    return out
+
+
+def correlate(connection_or_dsn: Any) -> list[Correlation]:
+    """Pair each open checkout of this process with its pg_stat_activity row, by backend pid.
+
+    Give a DSN (a connection is opened and closed) or a psycopg connection (used as it is;
+    a transaction it had to open is rolled back, one already open is left alone). Oldest
+    checkout first; ``activity`` is ``None`` for a checkout whose backend the server does not
+    list. Raises :class:`ServerError` when the server cannot be read.
+    """
+    from ._runtime import open_checkouts
+
+    checkouts = open_checkouts()
+    pids = sorted({c.backend_pid for c in checkouts if c.backend_pid is not None})
+    pg = _psycopg()
+    if isinstance(connection_or_dsn, str):
+        conn = connect(connection_or_dsn, purpose="correlate")
+        try:
+            rows = activity_rows(conn, pids)
+        finally:
+            conn.close()
+    else:
+        rows = _rows_on_user_connection(pg, connection_or_dsn, pids)
+    return [Correlation(c, rows.get(c.backend_pid) if c.backend_pid else None) for c in checkouts]
+
+
+def _rows_on_user_connection(pg: Any, conn: Any, pids: Sequence[int]) -> dict[int, dict[str, Any]]:
+    status = conn.info.transaction_status
+    if status == pg.pq.TransactionStatus.INERROR:
+        raise ServerError("the connection is in a failed transaction: roll it back first")
+    opened = status == pg.pq.TransactionStatus.IDLE and not conn.autocommit
+    try:
+        return activity_rows(conn, pids)
+    except pg.Error as exc:
+        raise ServerError(" ".join(str(exc).split())) from None
+    finally:
+        if opened:
+            conn.rollback()
+
+
+class ActivityLookup:
+    """Adds each leak's pg_stat_activity row to ``details["pg_stat_activity"]``.
+
+    Called by the sinks' delivery thread only (``activity_dsn`` option), over its own short-lived
+    connection with a 2 s connect timeout and a 2 s statement timeout. After a failure it
+    waits a minute before trying again; the failure itself is raised to the caller's guard.
+    """
+
+    retry_after = 60.0
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self._quiet_until = 0.0
+
+    def __call__(self, events: Sequence[Event]) -> None:
+        leaks = [e for e in events if isinstance(e, LeakEvent) and e.backend_pid is not None]
+        if not leaks or time.monotonic() < self._quiet_until:
+            return
+        try:
+            conn = connect(self.dsn, purpose="activity", timeout=2, statement_timeout=2)
+            try:
+                rows = activity_rows(conn, sorted({e.backend_pid for e in leaks if e.backend_pid}))
+            finally:
+                conn.close()
+        except BaseException:
+            self._quiet_until = time.monotonic() + self.retry_after
+            raise
+        for event in leaks:
+            row = rows.get(event.backend_pid) if event.backend_pid is not None else None
+            if row is not None:
+                event.details["pg_stat_activity"] = row

@@ -1,0 +1,298 @@
+"""`diagnose --snapshot`: pg_stat_activity exported by real psql (\\copy CSV, aligned table,
+expanded) and as JSON reads back to the same suspects as the live server; broken files give
+one line naming the line number, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from conftest import skip_or_fail
+from server_helpers import Leaker, cli, cli_json, leaker_line, leaking_program
+
+MULTILINE = "SELECT 'é' AS accent,\n       '日本' AS wide"
+IMMEDIATE = ("--idle-threshold", "0s", "--idle-in-transaction-threshold", "0s")
+
+
+@pytest.fixture(scope="module")
+def exported(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """One moment of a server with a leaking program, exported in every format."""
+    psql = shutil.which("psql")
+    if psql is None:
+        skip_or_fail("psql not found (apt-get install postgresql-client)")
+    out = tmp_path_factory.mktemp("snapshots")
+    with leaking_program(pg_dsn) as leaker, psycopg.connect(pg_dsn, autocommit=True) as other:
+        other.execute(MULTILINE)
+
+        def run_psql(*args: str) -> str:
+            proc = subprocess.run(
+                [psql, "-X", "-q", "-d", pg_dsn, *args], capture_output=True, text=True, check=True
+            )
+            return proc.stdout
+
+        files = {
+            "csv": out / "activity.csv",
+            "aligned": out / "activity.txt",
+            "expanded": out / "activity-x.txt",
+            "json": out / "activity.json",
+            "jsonl": out / "activity.jsonl",
+        }
+        run_psql("-c", f"\\copy (select * from pg_stat_activity) to '{files['csv']}' csv header")
+        files["aligned"].write_text(run_psql("-c", "select * from pg_stat_activity"))
+        files["expanded"].write_text(run_psql("-x", "-c", "select * from pg_stat_activity"))
+        with psycopg.connect(pg_dsn) as conn:
+            row = conn.execute("SELECT json_agg(a) FROM pg_stat_activity AS a").fetchone()
+            assert row is not None
+            files["json"].write_text(json.dumps(row[0], indent=1))
+            lines = conn.execute("SELECT row_to_json(a)::text FROM pg_stat_activity AS a")
+            files["jsonl"].write_text("\n".join(r[0] for r in lines.fetchall()) + "\n")
+        yield {"leaker": leaker, "other": other.info.backend_pid, "files": files}
+
+
+@pytest.mark.parametrize("fmt", ["csv", "aligned", "expanded", "json", "jsonl"])
+def test_each_export_format_gives_the_leaks_with_service_pid_and_callsite(
+    fmt: str, exported: dict[str, Any]
+) -> None:
+    leaker: Leaker = exported["leaker"]
+    doc = cli_json("diagnose", "--snapshot", str(exported["files"][fmt]), *IMMEDIATE)
+    assert doc["source"]["kind"] == "snapshot"
+    found = {
+        (s["backend_pid"], s["reason"], s["service"], s["client_pid"], s["callsite"])
+        for s in doc["suspects"]
+        if s["client_pid"] == leaker.pid
+    }
+    b = leaker.backends
+    assert found == {
+        (b["idle"], "idle", "billing", leaker.pid, f"leaker.py:{leaker_line('idle')}"),
+        (
+            b["in_transaction"],
+            "idle in transaction",
+            "billing",
+            leaker.pid,
+            f"leaker.py:{leaker_line('in-transaction')}",
+        ),
+        (
+            b["aborted"],
+            "idle in transaction (aborted)",
+            "billing",
+            leaker.pid,
+            f"leaker.py:{leaker_line('aborted')}",
+        ),
+        (b["named"], "idle", "billing", leaker.pid, f"leaker.py:{leaker_line('named')}"),
+    }
+    [other] = [s for s in doc["suspects"] if s["backend_pid"] == exported["other"]]
+    assert other["query"] == MULTILINE
+    # Only client backends by default: checkpointer, walwriter and friends are left out.
+    assert doc["totals"]["sessions"] == sum(n for _, n in _states(doc))
+
+
+def _states(doc: dict[str, Any]) -> list[tuple[str, int]]:
+    return [(r["value"], r["sessions"]) for r in doc["breakdown"]["state"]]
+
+
+COLUMNS = (
+    "pid,usename,datname,application_name,client_addr,backend_start,state_change,"
+    "state,query,backend_type"
+)
+
+
+def test_a_big_idle_leak_is_the_first_finding_with_its_evidence(tmp_path: Path) -> None:
+    rows = [COLUMNS]
+    comment = "/*callsite='orders.py:42',pid='4123',service='billing'*/"
+    for i in range(83):
+        rows.append(
+            f"{1000 + i},app,shop,billing/pid:4123,10.0.0.5,2024-05-01 09:00:00+00,"
+            f'2024-05-01 09:00:00+00,idle,"SELECT * FROM orders {comment}",client backend'
+        )
+    for i in range(14):
+        rows.append(
+            f"{2000 + i},app,shop,api/pid:77,10.0.0.6,2024-05-01 09:59:00+00,"
+            f"2024-05-01 09:59:59.5+00,active,SELECT 1,client backend"
+        )
+    snap = tmp_path / "outage.csv"
+    snap.write_text("\n".join(rows) + "\n")
+    args = ("--snapshot", str(snap), "--max-connections", "100", "--now", "2024-05-01 10:00:00+00")
+    doc = cli_json("diagnose", *args)
+    first = doc["findings"][0]
+    assert first["summary"] == (
+        "83 of 97 slots are idle connections from service billing, pid 4123, "
+        "last call-site orders.py:42 (longest 1h)"
+    )
+    assert first["backend_pids"] == list(range(1000, 1083))
+    assert first["evidence"]["users"] == ["app"] and first["evidence"]["databases"] == ["shop"]
+    assert doc["totals"] == {
+        "sessions": 97,
+        "usable_connections": 97,
+        "used_percent": 100.0,
+        "suspects": 83,
+        "hidden": 0,
+    }
+    assert doc["server"]["assumed"] == ["superuser_reserved_connections=3 (the default)"]
+    assert {r["value"]: r["sessions"] for r in doc["breakdown"]["client_addr"]} == {
+        "10.0.0.5": 83,
+        "10.0.0.6": 14,
+    }
+    [triage] = doc["triage"]
+    assert triage["sessions"] == 83
+    assert "AND (a.application_name = 'billing/pid:4123' OR " in triage["sql"]
+    assert "AND a.state_change < now() - interval '600 seconds'" in triage["sql"]
+    limits = next(f for f in doc["fixes"] if f["name"] == "CONNECTION LIMIT")["text"]
+    assert 'ALTER ROLE "app" CONNECTION LIMIT 21;  -- seen 97, 83 suspected' in limits
+    text = cli("diagnose", *args).stdout
+    assert (
+        "97 client sessions of 97 usable slots (100%): max_connections 100 - 3 reserved "
+        "(superuser_reserved_connections 3); assumed: superuser_reserved_connections=3 "
+        "(the default)"
+    ) in text
+    assert (
+        "1. 83 of 97 slots are idle connections from service billing, pid 4123, last call-site "
+        "orders.py:42 (longest 1h)"
+    ) in text
+
+
+def test_version_gated_fixes_follow_server_version(tmp_path: Path) -> None:
+    snap = tmp_path / "s.csv"
+    snap.write_text(COLUMNS + "\n1,app,shop,,,,2024-05-01 09:00:00+00,idle,SELECT 1,\n")
+    for version, applies in (("13", False), ("14", True)):
+        doc = cli_json("diagnose", "--snapshot", str(snap), "--server-version", version)
+        fixes = {f["name"]: f["applies"] for f in doc["fixes"]}
+        assert fixes["idle_session_timeout"] is applies
+        assert fixes["client_connection_check_interval"] is applies
+        assert fixes["transaction_timeout"] is False
+        assert fixes["idle_in_transaction_session_timeout"] is True
+    doc = cli_json("diagnose", "--snapshot", str(snap))
+    assert {f["name"]: f["applies"] for f in doc["fixes"]}["transaction_timeout"] is None
+
+
+BROKEN = [
+    (
+        "wrong-fields.csv",
+        "pid,state,query\n1,idle,x\n2,idle\n",
+        "line 3: 2 fields, but the header has 3 columns",
+    ),
+    ("bad-pid.csv", "pid,state\nabc,idle\n", "line 2: pid 'abc' is not a whole number"),
+    (
+        "bad-time.csv",
+        "pid,state,state_change\n1,idle,2024-05-01 09:00:00+00\n2,idle,yesterday\n",
+        "line 3: state_change 'yesterday' is not a timestamp",
+    ),
+    (
+        "multi-line-record.csv",
+        'pid,query\n1,"SELECT\n1"\nx,SELECT 2\n',
+        "line 4: pid 'x' is not a whole number",
+    ),
+    ("cut.json", '[{"pid": 1},\n {"pid": 2', "line 2: invalid JSON: Expecting ',' delimiter"),
+    ("not-closed.json", '[{"pid": 1},\n', "line 2: invalid JSON: the array is not closed"),
+    ("numbers.json", "[\n 1\n]", "line 2: expected an object with pg_stat_activity columns, got 1"),
+    (
+        "no-pid.json",
+        '[{"state": "idle"}]',
+        "line 1: no pid column: export the pg_stat_activity columns",
+    ),
+    (
+        "broken-row.txt",
+        " pid | state\n-----+-------\n   1 | idle\n 2   idle\n(2 rows)\n",
+        "line 4: expected 2 columns separated by '|' under the header's columns",
+    ),
+    ("empty.csv", "", "line 1: the file is empty"),
+    (
+        "prose.txt",
+        "the database was slow\n",
+        "line 1: not a pg_stat_activity export: expected CSV with a header (incl. pid), JSON, "
+        "or psql table output",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "message"), BROKEN, ids=[b[0] for b in BROKEN])
+def test_a_broken_snapshot_is_one_line_with_the_line_number(
+    name: str, content: str, message: str, tmp_path: Path
+) -> None:
+    path = tmp_path / name
+    path.write_text(content)
+    proc = cli("diagnose", "--snapshot", str(path))
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == [f"pgleakguard: error: {path}: {message}"]
+
+
+def test_a_missing_snapshot_file_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "nope.csv"
+    proc = cli("diagnose", "--snapshot", str(path))
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"pgleakguard: error: {path}: No such file or directory"]
+
+
+def _snapshot(tmp_path: Path, rows: list[str]) -> Path:
+    path = tmp_path / "activity.csv"
+    path.write_text("\n".join([COLUMNS, *rows]) + "\n")
+    return path
+
+
+def test_pools_holding_many_idle_connections_are_a_finding(tmp_path: Path) -> None:
+    rows = [
+        f"{100 + i},web,shop,web/pid:{900 + i % 2},10.0.0.7,2024-05-01 09:00:00+00,"
+        "2024-05-01 09:59:00+00,idle,SELECT 1,client backend"
+        for i in range(30)
+    ]
+    rows.append(
+        "200,web,shop,web/pid:900,10.0.0.7,2024-05-01 09:00:00+00,2024-05-01 09:59:59+00,"
+        "active,SELECT 2,client backend"
+    )
+    doc = cli_json(
+        "diagnose",
+        "--snapshot",
+        str(_snapshot(tmp_path, rows)),
+        "--max-connections",
+        "100",
+        "--now",
+        "2024-05-01 10:00:00+00",
+    )
+    assert doc["suspects"] == []
+    [finding] = doc["findings"]
+    assert finding["kind"] == "idle_pool"
+    assert finding["summary"] == (
+        "30 of 97 slots are idle connections kept open by service web (2 processes, 1 active "
+        "at the moment): pools larger than the work needs"
+    )
+
+
+def test_session_features_are_named_as_reasons_for_session_pooling(tmp_path: Path) -> None:
+    queries = {
+        "LISTEN orders_changed": "LISTEN",
+        "PREPARE q AS SELECT 1": "SQL PREPARE",
+        "DECLARE c CURSOR WITH HOLD FOR SELECT 1": "WITH HOLD cursors",
+        "CREATE TEMP TABLE t (x int)": "temp tables",
+        "SELECT pg_advisory_lock(42)": "advisory locks",
+        "SET search_path = app": "session SET",
+        "SET application_name = 'x'": None,  # PgBouncer tracks this one itself
+        "SET LOCAL statement_timeout = 1000": None,
+        "SELECT set_config('app.user', '7', true)": None,  # transaction-local
+    }
+    rows = [
+        f'{300 + i},app,shop,svc,,2024-05-01 09:00:00+00,2024-05-01 09:59:00+00,idle,"{q}",'
+        "client backend"
+        for i, q in enumerate(queries)
+    ]
+    doc = cli_json("diagnose", "--snapshot", str(_snapshot(tmp_path, rows)))
+    found = {f["name"]: f["backend_pids"] for f in doc["pgbouncer"]["session_features"]}
+    assert found == {
+        "LISTEN": [300],
+        "SQL PREPARE": [301],
+        "WITH HOLD cursors": [302],
+        "temp tables": [303],
+        "advisory locks": [304],
+        "session SET": [305],
+    }
+    assert doc["pgbouncer"]["pool_mode"] == "session"
+    assert (
+        ";; session pooling because of LISTEN (1 session, e.g. backend 300: LISTEN "
+        "orders_changed): notifications go to whichever client holds the server connection next"
+    ) in doc["pgbouncer"]["ini"]

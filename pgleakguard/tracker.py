@@ -319,6 +319,8 @@ class Tracker:
             if not rec.closed:
                 rec.closed = True
                 self.registry.remove(rec)
+                if rec.pool is None and rec.tx_status == TX_UNKNOWN:
+                    return  # a broken raw connection: it held no server slot, no pool slot
                 self.collected.append(rec)
                 self._pending.append((GARBAGE_COLLECTED, rec, None))
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import psycopg
 
@@ -163,3 +163,85 @@ def test_holder_stack_shows_where_a_live_thread_is_now(pg_dsn: str, events: Even
     text = event.render()
     assert "Holder is now at (most recent call last):" in text
     assert "release.wait(10)" in text
+
+
+def test_prefork_child_with_the_parents_engine_tracks_only_its_own(
+    pg_dsn: str, events: EventLog
+) -> None:
+    """gunicorn --preload style: the engine is made (and used) in the parent, then forked."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(pg_dsn.replace("postgresql://", "postgresql+psycopg://", 1))
+    parent_conn = engine.connect()  # held across the fork
+    parent_pid = parent_conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the worker
+        try:
+            os.close(read_end)
+            engine.dispose(close=False)  # SQLAlchemy's advice for forked workers
+            events.clear()
+            kept: list[Any] = []
+
+            def job() -> None:
+                kept.append(engine.connect())  # leak: prefork-child
+
+            worker = __import__("threading").Thread(target=job)
+            worker.start()
+            worker.join()
+            events.wait_for("owner_exited", timeout=5)
+            child_pid = kept[0].execute(text("SELECT pg_backend_pid()")).scalar_one()
+            result = {
+                "open": [c.backend_pid for c in pgleakguard.open_checkouts()],
+                "reported": [(e.kind, e.backend_pid, e.callsite.line) for e in events.leaks()],
+                "child_pid": child_pid,
+            }
+            os.write(write_end, json.dumps(result).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as fh:
+        result = json.loads(fh.read() or "{}")
+    os.waitpid(pid, 0)
+    line = marked_line(__file__, "prefork-child")
+    assert result["reported"] == [["owner_exited", result["child_pid"], line]]
+    assert parent_pid not in result["open"]
+    assert [c.backend_pid for c in pgleakguard.open_checkouts()] == [parent_pid]
+    parent_conn.close()
+    engine.dispose()
+
+
+def spawned_child(dsn: str, out: Any) -> None:
+    """Runs in a fresh interpreter (multiprocessing 'spawn'): installs and leaks."""
+    import threading as _threading
+
+    import pgleakguard as guard
+
+    log: list[Any] = []
+    guard.install(service="spawned", leak_threshold=60, on_leak=log.append)
+    kept: list[Any] = []
+    worker = _threading.Thread(target=lambda: kept.append(psycopg.connect(dsn)))
+    worker.start()
+    worker.join()
+    guard.check()
+    out.put([(e.kind, e.service, e.backend_pid == kept[0].info.backend_pid) for e in log])
+    kept[0].close()
+
+
+def test_spawned_child_tracks_only_its_own(pg_dsn: str, install: Callable[..., EventLog]) -> None:
+    import multiprocessing
+
+    events = install(leak_threshold=60)
+    parent_conn = psycopg.connect(pg_dsn)
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=spawned_child, args=(pg_dsn, queue))
+    child.start()
+    reported = queue.get(timeout=60)
+    child.join(60)
+    assert child.exitcode == 0
+    assert reported == [("owner_exited", "spawned", True)]
+    assert [c.backend_pid for c in pgleakguard.open_checkouts()] == [parent_conn.info.backend_pid]
+    pgleakguard.check()
+    assert events.leaks() == []
+    parent_conn.close()

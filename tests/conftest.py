@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,6 +117,24 @@ def _no_swallowed_internal_errors(request: pytest.FixtureRequest) -> Iterator[No
             f"pgleakguard swallowed {after - before} internal error(s); last: "
             f"{_safety.last_internal_error()!r}"
         ) from _safety.last_internal_error()
+
+
+def run_in_threads(work: Callable[[], None], count: int) -> list[BaseException]:
+    """Run ``work`` in ``count`` threads at once; the exceptions they raised."""
+    errors: list[BaseException] = []
+
+    def guarded() -> None:
+        try:
+            work()
+        except BaseException as exc:  # reported to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
 
 
 _MARK = re.compile(r"#\s*leak:\s*(\S+)")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import threading
 from typing import Any
 
 import psycopg_pool
@@ -12,7 +11,7 @@ import pytest
 
 import pgleakguard
 
-from conftest import EventLog, marked_line
+from conftest import EventLog, marked_line, run_in_threads
 
 
 def leak_one(pool: psycopg_pool.ConnectionPool[Any]) -> Any:
@@ -56,23 +55,15 @@ async def test_async_pool_timeout_message_names_the_leaking_line(
 
 def test_50_threads_x_100_checkouts_report_nothing(pg_dsn: str, install: Any) -> None:
     events = install(leak_threshold=5, idle_in_transaction_threshold=5)
-    errors: list[BaseException] = []
     with psycopg_pool.ConnectionPool(pg_dsn, min_size=4, max_size=8, timeout=60) as pool:
 
         def work() -> None:
-            try:
-                for i in range(100):
-                    with pool.connection() as conn:
-                        if i % 10 == 0:
-                            conn.execute("SELECT 1")
-            except BaseException as exc:  # pragma: no cover - reported below
-                errors.append(exc)
+            for i in range(100):
+                with pool.connection() as conn:
+                    if i % 10 == 0:
+                        conn.execute("SELECT 1")
 
-        threads = [threading.Thread(target=work) for _ in range(50)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        errors = run_in_threads(work, 50)
         pgleakguard.check()
     assert errors == []
     assert events == []

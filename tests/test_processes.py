@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,33 +18,42 @@ import pgleakguard
 from conftest import EventLog, marked_line
 
 
+def in_forked_child(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``body`` in a forked child; return what it returned (as JSON)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            os.close(read_end)
+            os.write(write_end, json.dumps(body()).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as fh:
+        result: dict[str, Any] = json.loads(fh.read() or "{}")
+    os.waitpid(pid, 0)
+    return result
+
+
 def test_forked_child_tracks_its_own_connections_not_the_parents(
     pg_dsn: str, events: EventLog
 ) -> None:
     parent_conn = psycopg.connect(pg_dsn)
     events.wait_for("held_too_long")  # the parent's watchdog is running
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        try:
-            os.close(read_end)
-            inherited = [c.checkout_id for c in pgleakguard.open_checkouts()]
-            events.clear()
-            child_conn = psycopg.connect(pg_dsn)  # leak: child
-            events.wait_for("held_too_long", timeout=5)
-            result = {
-                "inherited": inherited,
-                "open": [c.backend_pid for c in pgleakguard.open_checkouts()],
-                "child_pid": child_conn.info.backend_pid,
-                "reported": [(e.backend_pid, e.callsite.line) for e in events.leaks()],
-            }
-            os.write(write_end, json.dumps(result).encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end) as fh:
-        result = json.loads(fh.read() or "{}")
-    os.waitpid(pid, 0)
+
+    def child() -> dict[str, Any]:
+        inherited = [c.checkout_id for c in pgleakguard.open_checkouts()]
+        events.clear()
+        child_conn = psycopg.connect(pg_dsn)  # leak: child
+        events.wait_for("held_too_long", timeout=5)
+        return {
+            "inherited": inherited,
+            "open": [c.backend_pid for c in pgleakguard.open_checkouts()],
+            "child_pid": child_conn.info.backend_pid,
+            "reported": [(e.backend_pid, e.callsite.line) for e in events.leaks()],
+        }
+
+    result = in_forked_child(child)
     parent_pid = parent_conn.info.backend_pid
     assert result["inherited"] == []
     assert result["open"] == [result["child_pid"]]
@@ -140,8 +150,6 @@ def test_run_without_a_command_says_how_to_use_it() -> None:
 
 
 def test_holder_stack_shows_where_a_live_thread_is_now(pg_dsn: str, events: EventLog) -> None:
-    import threading
-
     release = threading.Event()
 
     def busy() -> None:
@@ -174,35 +182,27 @@ def test_prefork_child_with_the_parents_engine_tracks_only_its_own(
     engine = create_engine(pg_dsn.replace("postgresql://", "postgresql+psycopg://", 1))
     parent_conn = engine.connect()  # held across the fork
     parent_pid = parent_conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the worker
-        try:
-            os.close(read_end)
-            engine.dispose(close=False)  # SQLAlchemy's advice for forked workers
-            events.clear()
-            kept: list[Any] = []
 
-            def job() -> None:
-                kept.append(engine.connect())  # leak: prefork-child
+    def worker() -> dict[str, Any]:
+        engine.dispose(close=False)  # SQLAlchemy's advice for forked workers
+        events.clear()
+        kept: list[Any] = []
 
-            worker = __import__("threading").Thread(target=job)
-            worker.start()
-            worker.join()
-            events.wait_for("owner_exited", timeout=5)
-            child_pid = kept[0].execute(text("SELECT pg_backend_pid()")).scalar_one()
-            result = {
-                "open": [c.backend_pid for c in pgleakguard.open_checkouts()],
-                "reported": [(e.kind, e.backend_pid, e.callsite.line) for e in events.leaks()],
-                "child_pid": child_pid,
-            }
-            os.write(write_end, json.dumps(result).encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end) as fh:
-        result = json.loads(fh.read() or "{}")
-    os.waitpid(pid, 0)
+        def job() -> None:
+            kept.append(engine.connect())  # leak: prefork-child
+
+        thread = threading.Thread(target=job)
+        thread.start()
+        thread.join()
+        events.wait_for("owner_exited", timeout=5)
+        child_pid = kept[0].execute(text("SELECT pg_backend_pid()")).scalar_one()
+        return {
+            "open": [c.backend_pid for c in pgleakguard.open_checkouts()],
+            "reported": [(e.kind, e.backend_pid, e.callsite.line) for e in events.leaks()],
+            "child_pid": child_pid,
+        }
+
+    result = in_forked_child(worker)
     line = marked_line(__file__, "prefork-child")
     assert result["reported"] == [["owner_exited", result["child_pid"], line]]
     assert parent_pid not in result["open"]

@@ -69,7 +69,10 @@ def capture(depth: int, skip: int = 1) -> Stack:
     stack ends at the greenlet; the walk goes on in the parent greenlet, where the
     application's ``await`` is.
     """
-    frame: FrameType | None = sys._getframe(skip + 1)
+    try:
+        frame: FrameType | None = sys._getframe(skip + 1)
+    except ValueError:  # called from a shallower stack than the hooks that usually call us
+        frame = None
     known = _library_code
     glet: Any = None
     while True:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import linecache
 import os
 import sys
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from types import CodeType, FrameType
 from typing import Any
@@ -22,11 +24,16 @@ LIBRARY_MODULES: tuple[str, ...] = (
     "psycopg",
     "psycopg_pool",
     "sqlalchemy",
-    "django.db",
+    "django",
+    "asgiref",
     "asyncio",
     "contextlib",
     "threading",
 )
+
+#: The asyncio task awaiting the code this thread runs for it (asgiref's ``sync_to_async``,
+#: Django's async ORM): the call-site walk continues into that task's coroutines.
+AWAITING: ContextVar[Any] = ContextVar("pgleakguard_awaiting", default=None)
 
 _prefixes: tuple[str, ...] = LIBRARY_MODULES
 # code object -> "is a library frame"; code objects are few and long-lived.
@@ -59,48 +66,58 @@ def capture(depth: int, skip: int = 1) -> Stack:
     """Application frames from the call-site outwards (most recent first), at most ``depth``.
 
     The call-site is the first frame, walking out from the caller, whose module is not in
-    the library filter. SQLAlchemy's asyncio layer runs the pool inside a greenlet whose
-    stack ends at the greenlet; the walk goes on in the parent greenlet, where the
-    application's ``await`` is.
+    the library filter. Library frames (event loop, thread bootstrap, ORM internals) only
+    hide the application's own path, so only the application's frames are kept. Where the
+    thread's own frames end, the walk goes on in the code this thread runs for: the parent
+    greenlet (SQLAlchemy's asyncio layer runs the pool inside a greenlet) and the asyncio
+    task awaiting it (:data:`AWAITING`).
     """
-    frame: FrameType | None = sys._getframe(skip + 1)
-    is_library = _is_library
-    glet: Any = None
-    while True:
-        while frame is not None and is_library(frame):
-            frame = frame.f_back
-        if frame is not None:
-            break
-        frame, glet = _parent_greenlet_frame(glet)
-        if glet is None:
-            break
     out: list[Frame] = []
     append = out.append
-    while depth:
-        if frame is None:
-            frame, glet = _parent_greenlet_frame(glet)
-            if frame is None:
-                break
-        # Library frames (event loop, thread bootstrap, ORM internals) only hide the
-        # application's own path: keep the application's frames.
+    is_library = _is_library
+    frame: FrameType | None = sys._getframe(skip + 1)
+    while frame is not None:
         if not is_library(frame):
             append((frame.f_code, frame.f_lineno))
-            depth -= 1
+            if len(out) >= depth:
+                return tuple(out)
         frame = frame.f_back
+    for frame in _beyond_thread():
+        if not is_library(frame):
+            append((frame.f_code, frame.f_lineno))
+            if len(out) >= depth:
+                break
     return tuple(out)
 
 
-def _parent_greenlet_frame(glet: Any) -> tuple[FrameType | None, Any]:
-    """The suspended frame of the parent of ``glet`` (or of the current greenlet)."""
+def _beyond_thread() -> Iterator[FrameType]:
+    """Frames, outwards, of the code the current thread runs on behalf of: suspended parent
+    greenlets, then the coroutines of the task in :data:`AWAITING`."""
     module = sys.modules.get("greenlet")
-    if module is None:
-        return None, None
-    if glet is None:
-        glet = module.getcurrent()
-    parent = glet.parent
-    if parent is None:
-        return None, None
-    return parent.gr_frame, parent
+    if module is not None:
+        glet = module.getcurrent().parent
+        while glet is not None:
+            frame = glet.gr_frame
+            while frame is not None:
+                yield frame
+                frame = frame.f_back
+            glet = glet.parent
+    task = AWAITING.get()
+    if task is not None and not task.done():
+        yield from reversed(task_frames(task))
+
+
+def task_frames(task: Any) -> list[FrameType]:
+    """The frames of a pending asyncio task's coroutine chain, outermost first."""
+    frames: list[FrameType] = []
+    coro: Any = task.get_coro()
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is None:
+            break
+        frames.append(frame)
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return frames
 
 
 @dataclass(frozen=True)

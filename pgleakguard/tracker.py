@@ -15,7 +15,7 @@ import weakref
 from collections import deque
 from collections.abc import Sequence
 from time import monotonic, time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from . import callsite as _callsite
 from ._safety import guard
@@ -41,6 +41,9 @@ _get_running_loop = asyncio.events._get_running_loop
 _current_task = asyncio.current_task
 _current_thread = threading.current_thread
 _main_thread = threading.main_thread()
+
+
+_Finding = tuple[str, "Checkout", Optional[dict[str, Any]]]
 
 
 class Checkout:
@@ -69,6 +72,7 @@ class Checkout:
         "span_id",
         "reported",
         "closed",
+        "parked",
         "conn_ref",
         "details",
     )
@@ -92,6 +96,9 @@ class Checkout:
     span_id: str | None
     reported: tuple[str, ...]
     closed: bool
+    #: Kept open for reuse by a framework (a persistent Django connection between
+    #: requests): no application code holds it, so only owner_exited applies.
+    parked: bool
     conn_ref: _ConnRef | None
     details: dict[str, Any] | None
 
@@ -140,16 +147,9 @@ class Checkout:
         if self.owner_is_task:
             if owner.done():
                 return None
-            frames: list[_callsite.Frame] = []
-            coro: Any = owner.get_coro()
-            while coro is not None and len(frames) < depth:
-                frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
-                if frame is None:
-                    break
-                frames.append((frame.f_code, frame.f_lineno))
-                coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
-            frames.reverse()  # innermost await first, like a live thread's stack
-            return frames
+            chain = _callsite.task_frames(owner)[:depth]
+            # innermost await first, like a live thread's stack
+            return [(frame.f_code, frame.f_lineno) for frame in reversed(chain)]
         if not owner.is_alive() or owner.ident is None:
             return None
         return _callsite.frames_from_live(sys._current_frames().get(owner.ident), depth)
@@ -185,6 +185,9 @@ class Registry:
     def __len__(self) -> int:
         return len(self._open)
 
+    def __contains__(self, checkout: object) -> bool:
+        return isinstance(checkout, Checkout) and self._open.get(checkout.id) is checkout
+
 
 class Tracker:
     """The core: turns begin/end calls from integrations into checkouts and events."""
@@ -196,7 +199,8 @@ class Tracker:
         self._ids = itertools.count(1)
         # (kind, checkout, details) found outside the watchdog thread, e.g. by a GC callback,
         # where rendering or logging is unsafe; the watchdog (or flush()) turns them into events.
-        self._pending: deque[tuple[str, Checkout, dict[str, Any] | None]] = deque()
+        # A ReturnedEvent is made when the checkout ends (a resumed one changes).
+        self._pending: deque[_Finding | ReturnedEvent] = deque()
         self._depth = config.stack_depth if config.capture_stack else 1
         self._on_begin: Callable[[], None] | None = None
         #: Leak events delivered so far, by kind.
@@ -244,6 +248,7 @@ class Tracker:
         rec.trace_id = rec.span_id = None
         rec.reported = ()
         rec.closed = False
+        rec.parked = False
         rec.details = None
         ref = rec.conn_ref = _ConnRef(conn, self._collected)
         ref.checkout = rec
@@ -265,7 +270,32 @@ class Tracker:
         rec.closed = True
         rec.conn_ref = None
         if self.registry.remove(rec) and rec.reported:
-            self._pending.append(("returned", rec, None))
+            self._pending.append(self._returned_event(rec))
+
+    def park(self, rec: Checkout) -> None:
+        """A framework takes the connection back and keeps it open for reuse (Django's
+        persistent connection between requests). No application code holds it now, so
+        only owner_exited is reported until :meth:`resume`; a reported checkout is over
+        (a ReturnedEvent says after how long)."""
+        if rec.parked or rec.closed:
+            return
+        rec.parked = True
+        if rec.reported:
+            self._pending.append(self._returned_event(rec))
+
+    def resume(self, rec: Checkout, skip: int = 1) -> None:
+        """Application code takes a parked connection again: a new checkout of it, with a
+        new id, call-site and age. ``skip`` frames are ours."""
+        if not rec.parked or rec.closed:
+            return
+        self.registry.remove(rec)
+        rec.id = next(self._ids)
+        rec.stack = _callsite.capture(self._depth, skip + 1)
+        rec.started = rec.last_activity = monotonic()
+        rec.started_wall = time()
+        rec.reported = ()
+        rec.parked = False
+        self.registry.add(rec)
 
     # -- reporting ------------------------------------------------------------------------
 
@@ -291,13 +321,14 @@ class Tracker:
         """Turn queued findings into events and hand them to the sinks, in order."""
         while True:
             try:
-                kind, rec, details = self._pending.popleft()
+                item = self._pending.popleft()
             except IndexError:
                 return
             with guard():
-                if kind == "returned":
-                    event: Event = self._returned_event(rec)
+                if isinstance(item, ReturnedEvent):
+                    event: Event = item
                 else:
+                    kind, rec, details = item
                     if kind not in rec.reported:
                         rec.reported += (kind,)
                     event = self.leak_event(rec, kind, details)

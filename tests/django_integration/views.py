@@ -1,0 +1,66 @@
+"""Views of the Django tests. ``# leak: NAME`` marks the line each leak must be reported at."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.contrib.contenttypes.models import ContentType
+from django.db import connections, transaction
+from django.http import HttpRequest, HttpResponse
+
+#: What the leaking code keeps (atomic blocks, connections), so tests can clean up.
+LEAKED: list[Any] = []
+
+
+def count(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(str(ContentType.objects.count()))
+
+
+def atomic_leak(request: HttpRequest) -> HttpResponse:
+    block = transaction.atomic()
+    block.__enter__()  # leak: atomic-view
+    ContentType.objects.count()
+    LEAKED.append(block)  # BUG: never exited
+    return HttpResponse("ok")
+
+
+def export(alias: str) -> None:
+    """Background job: queries and ends without closing its thread's connection."""
+    ContentType.objects.using(alias).count()  # leak: export
+    LEAKED.append(connections[alias])
+
+
+def thread_leak(request: HttpRequest) -> HttpResponse:
+    job = threading.Thread(target=export, args=("default",), name="export-job")
+    job.start()
+    job.join()
+    return HttpResponse("started")
+
+
+def pooled_count(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(str(ContentType.objects.using("pooled").count()))  # leak: pooled-view
+
+
+def pooled_leak(request: HttpRequest) -> HttpResponse:
+    name = f"pooled-export-{len(LEAKED) + 1}"
+    job = threading.Thread(target=export, args=("pooled",), name=name)
+    job.start()
+    job.join()
+    return HttpResponse("started")
+
+
+async def async_count(request: HttpRequest) -> HttpResponse:
+    n = await ContentType.objects.acount()  # leak: async-count
+    return HttpResponse(str(n))
+
+
+def unclosed_query() -> int:
+    """Runs in the default executor: nothing closes that thread's connection."""
+    return ContentType.objects.count()  # leak: executor-query
+
+
+async def async_executor_leak(request: HttpRequest) -> HttpResponse:
+    n = await sync_to_async(unclosed_query, thread_sensitive=False)()
+    return HttpResponse(str(n))

@@ -27,6 +27,7 @@ LIBRARY_MODULES: tuple[str, ...] = (
     "django",
     "asgiref",
     "asyncio",
+    "concurrent.futures",
     "contextlib",
     "threading",
 )

@@ -14,4 +14,5 @@ urlpatterns = [
     path("pooled-leak/", views.pooled_leak),
     path("async-count/", views.async_count),
     path("async-executor-leak/", views.async_executor_leak),
+    path("pid/", views.backend_pid),
 ]

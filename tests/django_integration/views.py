@@ -64,3 +64,9 @@ def unclosed_query() -> int:
 async def async_executor_leak(request: HttpRequest) -> HttpResponse:
     n = await sync_to_async(unclosed_query, thread_sensitive=False)()
     return HttpResponse(str(n))
+
+
+def backend_pid(request: HttpRequest) -> HttpResponse:
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        return HttpResponse(str(cursor.fetchone()[0]))

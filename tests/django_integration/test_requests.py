@@ -19,10 +19,9 @@ from django.test import Client
 import pgleakguard
 from pgleakguard import CallSite
 
-from conftest import EventLog, marked_line
-
 from . import views
 from .helpers import close_from_here, database_settings, wsgi_get
+from conftest import EventLog, marked_line
 
 VIEWS = views.__file__
 
@@ -127,7 +126,8 @@ def test_real_wsgi_handler_in_worker_threads_reports_nothing(
     # persistent: each worker keeps (parked) one connection for all its requests
     assert len(pids) == 200
     assert len(set(pids)) == (4 if persistent else 200)
-    assert sorted(h.holder for h in held) == ([f"gthread-{i}" for i in range(4)] if persistent else [])
+    holders = [f"gthread-{i}" for i in range(4)] if persistent else []
+    assert sorted(h.holder for h in held) == holders
     pgleakguard.check()
     assert events == []
     assert pgleakguard.open_checkouts() == []
@@ -139,9 +139,10 @@ def test_health_check_replaces_a_terminated_persistent_connection_silently(
 ) -> None:
     events = quiet(install)
     handler = WSGIHandler()
-    with database_settings(CONN_MAX_AGE=None, CONN_HEALTH_CHECKS=True), ThreadPoolExecutor(
-        1, thread_name_prefix="gthread"
-    ) as worker:
+    with (
+        database_settings(CONN_MAX_AGE=None, CONN_HEALTH_CHECKS=True),
+        ThreadPoolExecutor(1, thread_name_prefix="gthread") as worker,
+    ):
         first = int(worker.submit(wsgi_get, handler, "/pid/").result()[1])
         with psycopg.connect(pg_dsn, autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(%s)", [first])

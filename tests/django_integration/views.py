@@ -8,7 +8,9 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.contrib.contenttypes.models import ContentType
 from django.db import connections, transaction
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
+
+import pgleakguard
 
 #: What the leaking code keeps (atomic blocks, connections), so tests can clean up.
 LEAKED: list[Any] = []
@@ -39,8 +41,14 @@ def thread_leak(request: HttpRequest) -> HttpResponse:
     return HttpResponse("started")
 
 
-def pooled_count(request: HttpRequest) -> HttpResponse:
-    return HttpResponse(str(ContentType.objects.using("pooled").count()))  # leak: pooled-view
+def pooled_count(request: HttpRequest) -> JsonResponse:
+    """Counts through the native pool; answers with what pgleakguard sees held meanwhile."""
+    n = ContentType.objects.using("pooled").count()  # leak: pooled-view
+    held = [
+        [c.integration, c.pool, c.callsite.file, c.callsite.line, c.holder]
+        for c in pgleakguard.open_checkouts()
+    ]
+    return JsonResponse({"count": n, "held": held})
 
 
 def pooled_leak(request: HttpRequest) -> HttpResponse:
@@ -58,7 +66,9 @@ async def async_count(request: HttpRequest) -> HttpResponse:
 
 def unclosed_query() -> int:
     """Runs in the default executor: nothing closes that thread's connection."""
-    return ContentType.objects.count()  # leak: executor-query
+    n = ContentType.objects.count()  # leak: executor-query
+    LEAKED.append(connections["default"])
+    return n
 
 
 async def async_executor_leak(request: HttpRequest) -> HttpResponse:

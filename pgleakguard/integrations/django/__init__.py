@@ -57,10 +57,12 @@ class RequestScope:
     """One request: its description and the connections it used (with the depth of their
     atomic blocks when it first used them)."""
 
-    __slots__ = ("name", "used")
+    __slots__ = ("name", "started", "used")
 
     def __init__(self, name: str) -> None:
         self.name = name
+        #: request_started was seen (a WSGI thread's next request needs a new scope).
+        self.started = False
         self.used: list[tuple[weakref.ref[Any], Checkout, int]] = []
 
 
@@ -109,6 +111,7 @@ class DjangoIntegration(Integration):
         self._hook_wrapper(BaseDatabaseWrapper)
         self._hook_connection_params()
         self._hook_sync_to_async()
+        self._hook_asgi_handler()
         signals.request_started.connect(self.request_started, weak=False, dispatch_uid=_STARTED_UID)
         signals.request_finished.connect(
             self.request_finished, weak=False, dispatch_uid=_FINISHED_UID
@@ -180,6 +183,22 @@ class DjangoIntegration(Integration):
                 AWAITING.reset(token)
 
         self.patcher.patch(SyncToAsync, "__call__", wraps(original)(call))
+
+    def _hook_asgi_handler(self) -> None:
+        # Django 5 sends request_started to sync receivers in a task of its own, whose
+        # context changes do not reach the request: open the scope around the whole request.
+        from django.core.handlers.asgi import ASGIHandler
+
+        original: Any = ASGIHandler.__call__
+
+        async def call(self: Any, scope: Any, receive: Any, send: Any) -> Any:
+            token = _request.set(RequestScope(_describe({"scope": scope})))
+            try:
+                return await original(self, scope, receive, send)
+            finally:
+                _request.reset(token)
+
+        self.patcher.patch(ASGIHandler, "__call__", wraps(original)(call))
 
     # -- connections ----------------------------------------------------------------------
 
@@ -258,7 +277,11 @@ class DjangoIntegration(Integration):
     def request_started(self, sender: Any, **kwargs: Any) -> None:
         """Receiver of ``request_started``: open the request's scope."""
         with guard():
-            _request.set(RequestScope(_describe(kwargs)))
+            scope = _request.get()
+            if scope is None or scope.started:
+                scope = RequestScope(_describe(kwargs))
+                _request.set(scope)
+            scope.started = True
             self._park_thread_connections()
 
     def request_finished(self, sender: Any, **kwargs: Any) -> None:

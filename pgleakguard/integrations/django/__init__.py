@@ -73,8 +73,9 @@ def project_name() -> str | None:
     """The project's name: the first part of the settings module (``mysite.settings``)."""
     from django.conf import settings
 
-    module = getattr(settings, "SETTINGS_MODULE", None) if settings.configured else None
-    module = module or os.environ.get("DJANGO_SETTINGS_MODULE")
+    module = os.environ.get("DJANGO_SETTINGS_MODULE")
+    if not module and settings.configured:
+        module = getattr(settings, "SETTINGS_MODULE", None)
     return module.split(".")[0] if module else None
 
 

@@ -51,14 +51,13 @@ def _forget_leaked() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def _pools_closed_before_the_test_database_is_dropped(django_db_setup: None) -> Iterator[None]:
     yield
-    connections["pooled"].close_pool()
+    if settings.NATIVE_POOL:
+        connections["pooled"].close_pool()
 
 
 @pytest.fixture
 def pooled(_pools_closed_before_the_test_database_is_dropped: None) -> Iterator[Any]:
     """The ``pooled`` alias (native pool, max_size 2, timeout 0.5 s), with a fresh pool."""
-    if not settings.NATIVE_POOL:
-        pytest.skip(f"Django {django.get_version()} has no native pool (5.1 or newer)")
     wrapper = connections["pooled"]
     wrapper.close()
     wrapper.close_pool()

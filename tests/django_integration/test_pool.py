@@ -7,7 +7,9 @@ import json
 import threading
 from typing import Any, Callable
 
+import django
 import pytest
+from django.conf import settings
 from django.core.handlers.wsgi import WSGIHandler
 from django.db import OperationalError
 from django.test import Client
@@ -20,7 +22,14 @@ from .helpers import close_from_here, wsgi_get
 from conftest import EventLog, marked_line
 
 VIEWS = views.__file__
-pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "pooled"])
+pytestmark = [
+    pytest.mark.skipif(
+        not settings.NATIVE_POOL, reason=f"Django {django.get_version()} has no native pool (5.1+)"
+    ),
+    pytest.mark.django_db(
+        transaction=True, databases=["default", "pooled"] if settings.NATIVE_POOL else ["default"]
+    ),
+]
 
 
 def test_pool_checkout_is_counted_once_and_named_after_the_view(

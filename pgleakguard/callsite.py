@@ -169,6 +169,18 @@ def frames_from_live(frame: FrameType | None, depth: int) -> list[Frame]:
     return out
 
 
+def outside_pgleakguard(frame: FrameType | None) -> FrameType | None:
+    """The first frame, walking out from ``frame``, that is not pgleakguard's own."""
+    while frame is not None:
+        name = frame.f_globals.get("__name__")
+        if not (
+            isinstance(name, str) and (name == "pgleakguard" or name.startswith("pgleakguard."))
+        ):
+            break
+        frame = frame.f_back
+    return frame
+
+
 def render_frames(frames: list[dict[str, object]], indent: str = "    ") -> str:
     """Traceback-style text, outermost call first, like Python's own tracebacks."""
     lines = []

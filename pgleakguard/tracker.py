@@ -152,7 +152,10 @@ class Checkout:
             return [(frame.f_code, frame.f_lineno) for frame in reversed(chain)]
         if not owner.is_alive() or owner.ident is None:
             return None
-        return _callsite.frames_from_live(sys._current_frames().get(owner.ident), depth)
+        frame = sys._current_frames().get(owner.ident)
+        if owner is _current_thread():  # reported from the holder's own thread (scope_ended):
+            frame = _callsite.outside_pgleakguard(frame)  # the reporting is not its work
+        return _callsite.frames_from_live(frame, depth)
 
 
 class _ConnRef(weakref.ref):  # type: ignore[type-arg]
@@ -370,7 +373,10 @@ class Tracker:
         return [CheckoutInfo(**r.info(now)) for r in recs]
 
     def reset_after_fork(self) -> None:
-        """In a forked child: the parent's checkouts are not ours."""
+        """In a forked child: the parent's checkouts are not ours (marked closed, so an
+        integration that finds one on a connection tracks that connection afresh)."""
+        for rec in self.registry.snapshot():
+            rec.closed = True
         self.registry = Registry()
         self._pending.clear()
 

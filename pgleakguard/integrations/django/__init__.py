@@ -304,7 +304,7 @@ class DjangoIntegration(Integration):
                 continue
             if len(wrapper.atomic_blocks) > depth:
                 state = "inside an atomic block the request opened"
-            elif rec.owner_object() is not here and wrapper.settings_dict["CONN_MAX_AGE"] == 0:
+            elif rec.owner_object() is not here and wrapper.settings_dict.get("CONN_MAX_AGE") == 0:
                 # Django closes only the connections of the request's own thread.
                 pooled = wrapper.settings_dict["OPTIONS"].get("pool")
                 state = "still checked out from the pool" if pooled else "still open"

@@ -160,3 +160,53 @@ def test_worker_connection_open_at_exit_is_never_closed_but_the_main_threads_is_
     line = marked_line(str(script), "dj-exit")
     assert proc.stderr.count("pgleakguard: connection leak") == 1, proc.stderr
     assert f"[never_closed, definite] checked out at {script}:{line} in poller" in proc.stderr
+
+
+_PSYCOPG2_SCRIPT = """
+import sys, threading
+sys.modules["psycopg"] = None  # as on a machine with psycopg2 only: Django picks psycopg2
+import django
+from django.conf import settings
+settings.configure(
+    INSTALLED_APPS=["pgleakguard.integrations.django"],
+    PGLEAKGUARD={"leak_threshold": 60, "service": "legacy"},
+    DATABASES={"default": {"ENGINE": "django.db.backends.postgresql", "NAME": %(name)r,
+                           "USER": %(user)r, "HOST": %(host)r, "PORT": %(port)r}},
+)
+django.setup()
+import pgleakguard
+from django.db import connection
+assert connection.Database.__name__ == "psycopg2"
+
+def job():
+    with connection.cursor() as cursor:  # leak: dj-psycopg2
+        cursor.execute("SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+        print("server-side:", cursor.fetchone()[0])
+
+worker = threading.Thread(target=job, name="legacy-job")
+worker.start()
+worker.join()
+pgleakguard.check()
+"""
+
+
+def test_psycopg2_backend_is_tracked_and_tagged(tmp_path: Path) -> None:
+    db = connections["default"].settings_dict
+    script = tmp_path / "psycopg2_backend.py"
+    script.write_text(
+        _PSYCOPG2_SCRIPT
+        % {"name": db["NAME"], "user": db["USER"], "host": db["HOST"], "port": db["PORT"]}
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        env=dict(os.environ, PYTHONPATH=str(Path(pgleakguard.__file__).parent.parent)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    line = marked_line(str(script), "dj-psycopg2")
+    assert f"[owner_exited, definite] checked out at {script}:{line} in job" in proc.stderr
+    assert "integration=django" in proc.stderr
+    child_pid = proc.stdout.split("server-side: legacy/pid:")[1].split()[0]
+    assert f"application_name=legacy/pid:{child_pid}" in proc.stderr

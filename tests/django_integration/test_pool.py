@@ -35,7 +35,7 @@ pytestmark = [
 def test_pool_checkout_is_counted_once_and_named_after_the_view(
     pooled: Any, install: Callable[..., EventLog]
 ) -> None:
-    events = install(leak_threshold=0.2, idle_in_transaction_threshold=0.2)
+    events = install(leak_threshold=0.5, idle_in_transaction_threshold=0.5)
     handler = WSGIHandler()
     replies: list[tuple[str, bytes]] = []
     for i in range(3):  # each request checks a connection out of the pool and back in

@@ -26,12 +26,12 @@ from conftest import EventLog, marked_line
 VIEWS = views.__file__
 
 
-def quiet(install: Callable[..., EventLog], seconds: float = 0.2) -> EventLog:
+def quiet(install: Callable[..., EventLog], seconds: float = 0.5) -> EventLog:
     """pgleakguard with ``seconds`` thresholds: a false positive would show within them."""
     return install(leak_threshold=seconds, idle_in_transaction_threshold=seconds)
 
 
-def wait_past_thresholds(seconds: float = 0.2) -> None:
+def wait_past_thresholds(seconds: float = 0.5) -> None:
     """Let every threshold pass, then make the watchdog look once more."""
     time.sleep(seconds * 1.5)
     pgleakguard.check()

@@ -17,7 +17,8 @@ from django.db import connections
 
 def wsgi_get(handler: WSGIHandler, path: str) -> tuple[str, bytes]:
     """One GET through Django's real WSGI handler, as a WSGI server makes it (close() last)."""
-    environ: dict[str, Any] = {"PATH_INFO": path, "REQUEST_METHOD": "GET"}
+    path, _, query = path.partition("?")
+    environ: dict[str, Any] = {"PATH_INFO": path, "QUERY_STRING": query, "REQUEST_METHOD": "GET"}
     wsgiref.util.setup_testing_defaults(environ)
     status: list[str] = []
     response = handler(environ, lambda s, headers, exc_info=None: status.append(s))

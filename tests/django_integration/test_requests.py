@@ -186,3 +186,30 @@ def test_request_started_thread_that_ends_holding_its_connection(
     assert event.holder == "export-job"
     close_from_here(views.LEAKED.pop())
     assert events.wait_returned().checkout_id == event.checkout_id
+
+
+@pytest.mark.django_db(transaction=True)
+def test_slow_request_is_held_too_long_and_its_persistent_connection_then_parked(
+    install: Callable[..., EventLog],
+) -> None:
+    events = install(leak_threshold=0.2, idle_in_transaction_threshold=30)
+    handler = WSGIHandler()
+    with (
+        database_settings(CONN_MAX_AGE=60),
+        ThreadPoolExecutor(1, thread_name_prefix="gthread") as worker,
+    ):
+        assert worker.submit(wsgi_get, handler, "/slow/?seconds=0.6").result()[0] == "200 OK"
+        [event] = events.wait_for("held_too_long")
+        assert event.callsite == CallSite(VIEWS, marked_line(VIEWS, "slow-view"), "slow_report")
+        # the request ended: Django keeps the connection, the application no longer holds it
+        returned = events.wait_returned()
+        assert (returned.checkout_id, returned.kinds) == (event.checkout_id, ("held_too_long",))
+        [parked] = pgleakguard.open_checkouts()
+        assert parked.backend_pid == event.backend_pid
+        # the next request takes it again: a new checkout, quick this time
+        assert worker.submit(wsgi_get, handler, "/slow/").result()[0] == "200 OK"
+        [again] = pgleakguard.open_checkouts()
+        assert again.backend_pid == event.backend_pid and again.checkout_id > event.checkout_id
+        wait_past_thresholds(0.2)
+        worker.submit(connections.close_all).result()
+    assert [e.kind for e in events.leaks()] == ["held_too_long"]

@@ -15,4 +15,5 @@ urlpatterns = [
     path("async-count/", views.async_count),
     path("async-executor-leak/", views.async_executor_leak),
     path("pid/", views.backend_pid),
+    path("slow/", views.slow_report),
 ]

@@ -80,3 +80,10 @@ def backend_pid(request: HttpRequest) -> HttpResponse:
     with connections["default"].cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
         return HttpResponse(str(cursor.fetchone()[0]))
+
+
+def slow_report(request: HttpRequest) -> HttpResponse:
+    """Holds its connection for a while, then finishes normally."""
+    n = ContentType.objects.count()  # leak: slow-view
+    threading.Event().wait(float(request.GET.get("seconds", "0")))
+    return HttpResponse(str(n))

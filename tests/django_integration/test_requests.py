@@ -72,10 +72,8 @@ def test_real_wsgi_handler_reports_the_open_atomic_block_before_django_closes_it
     assert event.holder == "wsgi-1"
     # reported from the request's own thread: its stack is Django sending request_finished
     assert event.holder_stack is not None
-    assert (event.holder_stack[0]["function"], event.holder_stack[1]["function"]) == (
-        "send",
-        "close",
-    )
+    assert str(event.holder_stack[0]["file"]).endswith("django/dispatch/dispatcher.py")
+    assert "close" in [f["function"] for f in event.holder_stack[:3]]
     # then Django's close_old_connections closed it (rolling the transaction back)
     returned = events.wait_returned()
     assert (returned.checkout_id, returned.kinds) == (event.checkout_id, ("scope_ended",))

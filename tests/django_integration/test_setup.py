@@ -28,6 +28,8 @@ from pgleakguard.integrations.django.management.commands import pgleakguard as c
 from .helpers import close_from_here, database_settings
 from conftest import EventLog
 
+pytest_plugins = ["pytester"]
+
 PATCHED = [
     (BaseDatabaseWrapper, "ensure_connection"),
     (BaseDatabaseWrapper, "close"),
@@ -224,3 +226,11 @@ def test_diagnose_hands_over_to_the_cli_when_it_has_diagnose(
 
 def test_the_cli_today_has_no_diagnose_so_the_command_falls_back() -> None:
     assert "run" in command.cli_commands()
+
+
+def test_inline_pytest_runs_in_this_configured_process_do_not_start_pytest_django(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile("def test_ok():\n    assert 1\n")
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.runpytest().assert_outcomes(passed=1)

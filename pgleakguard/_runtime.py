@@ -163,7 +163,11 @@ def _at_exit() -> None:
         state.watchdog.stop()
         state.delivery.stop(timeout=2.0)
         for rec in state.tracker.registry.snapshot():
-            if not rec.closed and all(kind in SUSPECTED_KINDS for kind in rec.reported):
+            if (
+                not rec.closed
+                and not rec.parked
+                and all(kind in SUSPECTED_KINDS for kind in rec.reported)
+            ):
                 state.tracker.report(rec, NEVER_CLOSED)
         state.tracker.flush()
 

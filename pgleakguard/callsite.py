@@ -12,6 +12,8 @@ import dis
 import linecache
 import os
 import sys
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from types import CodeType, FrameType
 from typing import Any
@@ -25,14 +27,20 @@ LIBRARY_MODULES: tuple[str, ...] = (
     "psycopg",
     "psycopg_pool",
     "sqlalchemy",
-    "django.db",
+    "django",
+    "asgiref",
     "asyncio",
+    "concurrent.futures",
     "contextlib",
     "threading",
     "greenlet",
     "wrapt",
     "opentelemetry.instrumentation",
 )
+
+#: The asyncio task awaiting the code this thread runs for it (asgiref's ``sync_to_async``,
+#: Django's async ORM): the call-site walk continues into that task's coroutines.
+AWAITING: ContextVar[Any] = ContextVar("pgleakguard_awaiting", default=None)
 
 _prefixes: tuple[str, ...] = LIBRARY_MODULES
 # code object -> "is a library frame"; code objects are few and long-lived.
@@ -65,54 +73,77 @@ def capture(depth: int, skip: int = 1) -> Stack:
     """``depth`` frames from the call-site outwards, most recent first, as a flat tuple.
 
     The call-site is the first frame, walking out from the caller, whose module is not in
-    the library filter. SQLAlchemy's asyncio layer runs the pool inside a greenlet whose
-    stack ends at the greenlet; the walk goes on in the parent greenlet, where the
-    application's ``await`` is.
+    the library filter. Where the thread's own frames end, the walk goes on in the code this
+    thread runs for: the parent greenlet (SQLAlchemy's asyncio layer runs the pool inside a
+    greenlet) and the asyncio task awaiting it (:data:`AWAITING`, set for Django's
+    ``sync_to_async``). Library frames past the call-site are kept here and left out when
+    a report is rendered.
     """
     try:
         frame: FrameType | None = sys._getframe(skip + 1)
     except ValueError:  # called from a shallower stack than the hooks that usually call us
         frame = None
     known = _library_code
-    glet: Any = None
-    while True:
-        while frame is not None:
-            library = known.get(frame.f_code)
-            if library is None:
-                library = _is_library(frame)
-            if not library:
+    beyond: Iterator[FrameType] | None = None
+    while True:  # to the call-site
+        if frame is None:
+            if beyond is None:
+                beyond = _beyond_thread()
+            frame = next(beyond, None)
+            if frame is None:
                 break
-            frame = frame.f_back
-        if frame is not None:
+        library = known.get(frame.f_code)
+        if library is None:
+            library = _is_library(frame)
+        if not library:
             break
-        frame, glet = _parent_greenlet_frame(glet)
-        if glet is None:
+        frame = frame.f_back if beyond is None else next(beyond, None)
+        if frame is None and beyond is not None:
             break
     out: list[Any] = []
     append = out.append
-    while depth:
-        if frame is None:
-            frame, glet = _parent_greenlet_frame(glet)
-            if frame is None:
-                break
+    while depth and frame is not None:
         append(frame.f_code)
         append(frame.f_lasti)
-        frame = frame.f_back
         depth -= 1
+        if beyond is None:
+            frame = frame.f_back
+            if frame is None:
+                beyond = _beyond_thread()
+                frame = next(beyond, None)
+        else:
+            frame = next(beyond, None)
     return tuple(out)
 
 
-def _parent_greenlet_frame(glet: Any) -> tuple[FrameType | None, Any]:
-    """The suspended frame of the parent of ``glet`` (or of the current greenlet)."""
+def _beyond_thread() -> Iterator[FrameType]:
+    """Frames, outwards, of the code the current thread runs on behalf of: suspended parent
+    greenlets, then the coroutines of the task in :data:`AWAITING`."""
     module = sys.modules.get("greenlet")
-    if module is None:
-        return None, None
-    if glet is None:
-        glet = module.getcurrent()
-    parent = glet.parent
-    if parent is None:
-        return None, None
-    return parent.gr_frame, parent
+    if module is not None:
+        glet = module.getcurrent().parent
+        while glet is not None:
+            frame = glet.gr_frame
+            while frame is not None:
+                yield frame
+                frame = frame.f_back
+            glet = glet.parent
+    task = AWAITING.get()
+    if task is not None and not task.done():
+        yield from reversed(task_frames(task))
+
+
+def task_frames(task: Any) -> list[FrameType]:
+    """The frames of a pending asyncio task's coroutine chain, outermost first."""
+    frames: list[FrameType] = []
+    coro: Any = task.get_coro()
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is None:
+            break
+        frames.append(frame)
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return frames
 
 
 @dataclass(frozen=True)
@@ -168,17 +199,17 @@ def line_of(code: CodeType, lasti: int) -> int:
     return line
 
 
-def frames_of(stack: Stack) -> list[dict[str, object]]:
+def frames_of(stack: Stack, app_only: bool = True) -> list[dict[str, object]]:
     """Render a stack as JSON-ready frames, most recent first.
 
-    Library frames past the call-site (event loop, thread bootstrap, ORM internals) are left
-    out: they only hide the application's own path.
+    With ``app_only``, library frames past the first (event loop, thread bootstrap, ORM
+    internals) are left out: in an acquisition stack they only hide the application's path.
     """
     out: list[dict[str, object]] = []
-    library = _library_files()
+    library = _library_files() if app_only else ()
     for i in range(0, len(stack) - 1, 2):
         code, lasti = stack[i], stack[i + 1]
-        if i and code.co_filename.startswith(library):
+        if i and library and code.co_filename.startswith(library):
             continue
         line = line_of(code, lasti)
         source = linecache.getline(code.co_filename, line).strip()
@@ -212,6 +243,18 @@ def frames_from_live(frame: FrameType | None, depth: int) -> Stack:
         frame = frame.f_back
         depth -= 1
     return tuple(out)
+
+
+def outside_pgleakguard(frame: FrameType | None) -> FrameType | None:
+    """The first frame, walking out from ``frame``, that is not pgleakguard's own."""
+    while frame is not None:
+        name = frame.f_globals.get("__name__")
+        if not (
+            isinstance(name, str) and (name == "pgleakguard" or name.startswith("pgleakguard."))
+        ):
+            break
+        frame = frame.f_back
+    return frame
 
 
 def render_frames(frames: list[dict[str, object]], indent: str = "    ") -> str:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 from .events import Event
 
 #: Integration names accepted by ``integrations=``.
-KNOWN_INTEGRATIONS = ("psycopg", "psycopg_pool", "sqlalchemy")
+KNOWN_INTEGRATIONS = ("psycopg", "psycopg_pool", "sqlalchemy", "django")
 
 _BOOLEANS = (
     "capture_stack",

@@ -15,7 +15,7 @@ import weakref
 from collections import deque
 from collections.abc import Sequence
 from time import monotonic, time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from . import callsite as _callsite
 from ._safety import guard, logger, record_internal_error
@@ -47,6 +47,9 @@ _capture = _callsite.capture
 _main_thread = threading.main_thread()
 
 
+_Finding = tuple[str, "Checkout", Optional[dict[str, Any]]]
+
+
 class Checkout:
     """One period during which application code holds a database connection.
 
@@ -72,6 +75,7 @@ class Checkout:
         "span_id",
         "reported",
         "closed",
+        "parked",
         "conn_ref",
         "details",
         "span",
@@ -95,6 +99,9 @@ class Checkout:
     span_id: str | None
     reported: tuple[str, ...]
     closed: bool
+    #: Kept open for reuse by a framework (a persistent Django connection between
+    #: requests): no application code holds it, so only owner_exited applies.
+    parked: bool
     conn_ref: _ConnRef | None
     details: dict[str, Any] | None
     span: Any  # the optional per-checkout OpenTelemetry span
@@ -144,18 +151,17 @@ class Checkout:
         if self.owner_is_task:
             if owner.done():
                 return None
-            frames: list[Any] = []
-            coro: Any = owner.get_coro()
-            while coro is not None and len(frames) < 2 * depth:
-                frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
-                if frame is None:
-                    break
-                frames[:0] = [frame.f_code, frame.f_lasti]  # innermost await first
-                coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
-            return tuple(frames)
+            chain = _callsite.task_frames(owner)[-depth:]
+            flat: list[Any] = []
+            for frame in reversed(chain):  # innermost await first, like a live thread's stack
+                flat += (frame.f_code, frame.f_lasti)
+            return tuple(flat)
         if not owner.is_alive() or owner.ident is None:
             return None
-        return _callsite.frames_from_live(sys._current_frames().get(owner.ident), depth)
+        live = sys._current_frames().get(owner.ident)
+        if owner is _current_thread():  # reported from the holder's own thread (scope_ended):
+            live = _callsite.outside_pgleakguard(live)  # the reporting is not its work
+        return _callsite.frames_from_live(live, depth)
 
 
 class _ConnRef(weakref.ref):  # type: ignore[type-arg]
@@ -188,6 +194,9 @@ class Registry:
     def __len__(self) -> int:
         return len(self._open)
 
+    def __contains__(self, checkout: object) -> bool:
+        return isinstance(checkout, Checkout) and self._open.get(checkout.id) is checkout
+
 
 class Tracker:
     """The core: turns begin/end calls from integrations into checkouts and events."""
@@ -199,7 +208,8 @@ class Tracker:
         self._ids = itertools.count(1)
         # (kind, checkout, details) found outside the watchdog thread, e.g. by a GC callback,
         # where rendering or logging is unsafe; the watchdog (or flush()) turns them into events.
-        self._pending: deque[tuple[str, Checkout, dict[str, Any] | None]] = deque()
+        # A ReturnedEvent is made when the checkout ends (a resumed one changes).
+        self._pending: deque[_Finding | ReturnedEvent] = deque()
         self._depth = config.stack_depth if config.capture_stack else 1
         self._on_begin: Callable[[], None] | None = None
         self._watching = False
@@ -261,6 +271,7 @@ class Tracker:
         rec.tx_status = rec.trace_id = rec.span_id = rec.details = rec.span = None
         rec.reported = ()
         rec.closed = False
+        rec.parked = False
         ref = rec.conn_ref = _ConnRef(conn, self._collected)
         ref.checkout = rec
         open_[checkout_id] = rec  # a single dict store: atomic, no lock needed
@@ -302,13 +313,37 @@ class Tracker:
         rec.closed = True
         rec.conn_ref = None
         if self.registry._open.pop(rec.id, None) is not None and rec.reported:
-            self._pending.append(("returned", rec, None))
+            self._pending.append(self._returned_event(rec))
         telemetry = self.telemetry
         if telemetry is not None and (telemetry.metrics_on or rec.span is not None):
             try:
                 telemetry.checked_in(rec, monotonic() - rec.started)
             except Exception as exc:
                 record_internal_error(exc)
+
+    def park(self, rec: Checkout) -> None:
+        """A framework takes the connection back and keeps it open for reuse (Django's
+        persistent connection between requests). No application code holds it now, so
+        only owner_exited is reported until :meth:`resume`; a reported checkout is over
+        (a ReturnedEvent says after how long)."""
+        if rec.parked or rec.closed:
+            return
+        rec.parked = True
+        if rec.reported:
+            self._pending.append(self._returned_event(rec))
+
+    def resume(self, rec: Checkout, skip: int = 1) -> None:
+        """Application code takes a parked connection again: a new checkout of it, with a
+        new id, call-site and age. ``skip`` frames are ours."""
+        if not rec.parked or rec.closed:
+            return
+        self.registry.remove(rec)
+        rec.id = next(self._ids)
+        rec.stack = _callsite.capture(self._depth, skip + 1)
+        rec.started = rec.last_activity = monotonic()
+        rec.reported = ()
+        rec.parked = False
+        self.registry.add(rec)
 
     # -- reporting ------------------------------------------------------------------------
 
@@ -339,13 +374,14 @@ class Tracker:
         events: list[Event] = []
         while True:
             try:
-                kind, rec, details = self._pending.popleft()
+                item = self._pending.popleft()
             except IndexError:
                 break
             with guard():
-                if kind == "returned":
-                    events.append(self._returned_event(rec))
+                if isinstance(item, ReturnedEvent):
+                    events.append(item)
                 else:
+                    kind, rec, details = item
                     if kind not in rec.reported:
                         rec.reported += (kind,)
                     events.append(self.leak_event(rec, kind, details))
@@ -365,7 +401,7 @@ class Tracker:
             kind=kind,
             severity=severity_of(kind),
             stack=_callsite.frames_of(rec.stack),
-            holder_stack=_callsite.frames_of(holder) if holder else None,
+            holder_stack=_callsite.frames_of(holder, app_only=False) if holder else None,
             details=dict(details or {}),
             detected_at=time(),
         )
@@ -389,18 +425,13 @@ class Tracker:
         return [CheckoutInfo(**r.info(now)) for r in recs]
 
     def reset_after_fork(self) -> None:
-        """In a forked child: the parent's checkouts are not ours; no watchdog runs yet."""
+        """In a forked child: the parent's checkouts are not ours (marked closed, so an
+        integration that finds one on a connection tracks that connection afresh)."""
+        for rec in self.registry.snapshot():
+            rec.closed = True
         self.registry = Registry()
         self._pending.clear()
         self._watching = False
-
-
-def touch(conn: Any, tx_status: int) -> None:
-    """Record activity on ``conn`` (called after each operation, in the user's thread)."""
-    rec: Checkout | None = conn.__dict__.get(CHECKOUT_ATTR)
-    if rec is not None:
-        rec.last_activity = monotonic()
-        rec.tx_status = tx_status
 
 
 def describe_holders(

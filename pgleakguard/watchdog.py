@@ -98,6 +98,8 @@ class Watchdog:
                 if OWNER_EXITED not in rec.reported:
                     tracker.report(rec, OWNER_EXITED)
                 continue
+            if rec.parked:
+                continue
             if rec.started < held_since and HELD_TOO_LONG not in rec.reported:
                 tracker.report(rec, HELD_TOO_LONG)
             if (

@@ -103,6 +103,16 @@ def events(install: Callable[..., EventLog]) -> EventLog:
     return install()
 
 
+@pytest.fixture
+def pytester(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    """``pytester`` whose runs leave pytest-django out: the Django tests configure Django in
+    this process, and pytest-django in an inline run would set Django's test environment up
+    a second time (RuntimeError from setup_test_environment)."""
+    addopts = os.environ.get("PYTEST_ADDOPTS", "")
+    monkeypatch.setenv("PYTEST_ADDOPTS", f"{addopts} -p no:django".strip())
+    return pytester
+
+
 @pytest.fixture(autouse=True)
 def _no_swallowed_internal_errors(request: pytest.FixtureRequest) -> Iterator[None]:
     # The safety net hides internal errors from users; it must not hide them from us.

@@ -61,3 +61,34 @@ def test_example_reports_its_leaking_line(
     assert f"[{kind}, definite] checked out at {where}" in proc.stdout
     assert extra in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_django_example_project_reports_its_leaking_views(pg_dsn: str) -> None:
+    import django
+
+    project = EXAMPLES / "django_project"
+    views = project / "leakdemo" / "views.py"
+    proc = subprocess.run(
+        [sys.executable, str(project / "manage.py"), "leakdemo"],
+        env=dict(os.environ, DATABASE_URL=pg_dsn),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    where = f"{views}:{line_of(views, 'with connections[alias].cursor() as cursor:')}"
+    out = proc.stdout
+    assert out.count(f"[owner_exited, definite] checked out at {where} in export_report") == (
+        3 if django.VERSION >= (5, 1) else 1
+    )
+    assert "service=leakdemo integration=django pool=-" in out
+    assert "holder=thread 'export-job' (ended)" in out
+    if django.VERSION >= (5, 1):
+        assert "integration=psycopg_pool pool=reports" in out
+        assert (
+            "PoolTimeout: couldn't get a connection after 1.00 sec\n"
+            "pgleakguard: 2 connection(s) of pool 'reports' checked out, by call-site:\n"
+            f"  2 x {where} in export_report (oldest "
+        ) in out
+        assert "held by pooled-export-1, pooled-export-2)" in out
+    assert "Traceback" not in out + proc.stderr

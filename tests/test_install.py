@@ -81,6 +81,11 @@ def _without_sqlalchemy(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delitem(sys.modules, "pgleakguard.integrations.sqlalchemy", raising=False)
 
 
+def _without_django(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "django", None)
+    monkeypatch.delitem(sys.modules, "pgleakguard.integrations.django", raising=False)
+
+
 def test_missing_library_asked_for_by_name_is_a_clear_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -97,6 +102,7 @@ def test_missing_library_is_skipped_quietly_by_auto_detection(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _without_sqlalchemy(monkeypatch)
+    _without_django(monkeypatch)
     pgleakguard.install()
     state = _runtime.current()
     assert state is not None
@@ -110,3 +116,12 @@ def test_named_integration_enables_only_that_one() -> None:
     pool_hooks = [i for i, (owner, _) in enumerate(PATCHED) if "Pool" in str(owner)]
     assert all(before[i] is after[i] for i in pool_hooks)
     assert before[0] is not after[0]
+
+
+def test_django_asked_for_by_name_without_django_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _without_django(monkeypatch)
+    with pytest.raises(pgleakguard.DidNotEnable, match="^Django is not installed$"):
+        pgleakguard.install(integrations=["django"])
+    assert not pgleakguard.stats()["installed"]

@@ -21,11 +21,13 @@ AVAILABLE: dict[str, tuple[str, str]] = {
     "psycopg": ("pgleakguard.integrations.psycopg", "PsycopgIntegration"),
     "psycopg_pool": ("pgleakguard.integrations.psycopg_pool", "PsycopgPoolIntegration"),
     "sqlalchemy": ("pgleakguard.integrations.sqlalchemy", "SQLAlchemyIntegration"),
+    "django": ("pgleakguard.integrations.django", "DjangoIntegration"),
 }
 #: Integrations that see more with another one enabled (enabled too when installed).
 COMPANIONS: dict[str, tuple[str, ...]] = {
     "psycopg_pool": ("psycopg",),
     "sqlalchemy": ("psycopg",),
+    "django": ("psycopg", "psycopg_pool"),
 }
 
 _MISSING = object()

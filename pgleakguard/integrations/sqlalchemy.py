@@ -18,6 +18,8 @@ from typing import Any, Callable
 from .. import tagging
 from .._safety import guard, record_internal_error
 from ..callsite import CallSite, callsite_of
+from ..drivers import application_name_of, backend_pid
+from ..drivers import driver_connection as _driver
 from ..tracker import (
     CHECKOUT_ATTR,
     TX_IDLE,
@@ -64,36 +66,6 @@ def pool_name(engine: Engine) -> str:
     url = engine.url
     port = f":{url.port}" if url.port else ""
     return f"{url.drivername}://{url.host or ''}{port}/{url.database or ''}"
-
-
-def _driver(dbapi_connection: Any) -> Any:
-    """The driver's own connection (asyncpg / psycopg AsyncConnection under an adapter)."""
-    return getattr(dbapi_connection, "driver_connection", None) or dbapi_connection
-
-
-def backend_pid(dbapi_connection: Any) -> int | None:
-    """The server pid, read the driver's own way (no I/O for any of them)."""
-    driver = _driver(dbapi_connection)
-    info = getattr(driver, "info", None)
-    pid = getattr(info, "backend_pid", None)  # psycopg 3, psycopg2 >= 2.8
-    if pid is None and hasattr(driver, "get_server_pid"):  # asyncpg
-        pid = driver.get_server_pid()
-    if pid is None and hasattr(driver, "get_backend_pid"):  # older psycopg2
-        pid = driver.get_backend_pid()
-    return int(pid) if pid else None
-
-
-def application_name_of(dbapi_connection: Any) -> str | None:
-    """The application_name the server has for this connection (no I/O)."""
-    driver = _driver(dbapi_connection)
-    info = getattr(driver, "info", None)
-    if hasattr(info, "parameter_status"):  # psycopg 3
-        return info.parameter_status("application_name")  # type: ignore[union-attr,no-any-return]
-    if hasattr(driver, "get_parameter_status"):  # psycopg2
-        return driver.get_parameter_status("application_name")  # type: ignore[no-any-return]
-    if hasattr(driver, "get_settings"):  # asyncpg
-        return getattr(driver.get_settings(), "application_name", None)
-    return None
 
 
 class SQLAlchemyIntegration(Integration):

@@ -1,0 +1,87 @@
+"""Django's real ASGI handler: async views, the ORM in sync_to_async worker threads. The
+call-site of a query awaited in an async view is the view's ``await`` line."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import pytest
+from django.core.handlers.asgi import ASGIHandler
+
+import pgleakguard
+from pgleakguard import CallSite
+
+from . import views
+from .helpers import asgi_get as get
+from .helpers import close_from_here, database_settings, wait_gone
+from conftest import EventLog, marked_line
+
+VIEWS = views.__file__
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def persistent() -> Iterator[dict[str, Any]]:
+    """CONN_MAX_AGE = 60 for the test."""
+    with database_settings(CONN_MAX_AGE=60) as settings_dict:
+        yield settings_dict
+
+
+async def test_async_and_sync_views_report_nothing(install: Callable[..., EventLog]) -> None:
+    events = install(leak_threshold=0.5, idle_in_transaction_threshold=0.5)
+    handler = ASGIHandler()
+    for path in ["/async-count/", "/count/"] * 25:
+        status, body = await get(handler, path)
+        assert (status, int(body) > 0) == (200, True)
+    await asyncio.sleep(0.75)
+    pgleakguard.check()
+    assert events == []
+    assert pgleakguard.open_checkouts() == []
+
+
+async def test_query_in_a_thread_the_request_does_not_own_is_scope_ended(
+    events: EventLog,
+) -> None:
+    status, _ = await get(ASGIHandler(), "/async-executor-leak/")
+    assert status == 200
+    [event] = await asyncio.to_thread(events.wait_for, "scope_ended")
+    line = marked_line(VIEWS, "executor-query")
+    assert event.callsite == CallSite(VIEWS, line, "unclosed_query")
+    assert event.details == {"scope": "request GET /async-executor-leak/", "state": "still open"}
+    assert event.holder.startswith("asyncio_") and event.holder_alive
+    await asyncio.to_thread(close_from_here, views.LEAKED.pop())
+    returned = await asyncio.to_thread(events.wait_returned)
+    assert returned.checkout_id == event.checkout_id
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")  # psycopg, on the collected ones
+async def test_persistent_connections_under_asgi_end_with_each_requests_thread(
+    persistent: dict[str, Any], events: EventLog, pg_dsn: str
+) -> None:
+    handler = ASGIHandler()
+    gc.disable()  # the ended threads' connections wait for the collector: let them wait
+    try:
+        for _ in range(2):
+            assert (await get(handler, "/async-count/"))[0] == 200
+        leaks = await asyncio.to_thread(events.wait_for, "owner_exited", 10.0, 2)
+    finally:
+        gc.enable()
+    line = marked_line(VIEWS, "async-count")
+    for event in leaks:
+        # the query ran in the request's worker thread; the call-site is the view's await
+        assert event.callsite == CallSite(VIEWS, line, "async_count")
+        assert event.holder.startswith("ThreadPoolExecutor-") and not event.holder_alive
+        assert (
+            event.stack[0]["code"] == "n = await ContentType.objects.acount()  # leak: async-count"
+        )
+    gc.collect()  # what finally closes them
+    for event in leaks:
+        assert event.backend_pid is not None
+        await asyncio.to_thread(wait_gone, pg_dsn, event.backend_pid)
+    await asyncio.to_thread(events.wait_for, "garbage_collected", 10.0, 2)
+    assert (
+        sorted(e.kind for e in events.leaks()) == ["garbage_collected"] * 2 + ["owner_exited"] * 2
+    )

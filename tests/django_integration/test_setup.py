@@ -1,0 +1,227 @@
+"""Setup through INSTALLED_APPS and settings.PGLEAKGUARD, application_name tags, the
+``manage.py pgleakguard diagnose`` command, and uninstall."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import threading
+import weakref
+from typing import Any, Callable
+
+import pytest
+from asgiref.sync import SyncToAsync
+from django.apps import apps
+from django.contrib.contenttypes.models import ContentType
+from django.core import checks, signals
+from django.core.handlers.asgi import ASGIHandler
+from django.core.management import call_command
+from django.db import close_old_connections, connection, connections
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.backends.postgresql.base import DatabaseWrapper
+
+import pgleakguard
+from pgleakguard import _runtime, tagging
+from pgleakguard.integrations.django.management.commands import pgleakguard as command
+
+from .helpers import close_from_here, database_settings
+from conftest import EventLog
+
+pytest_plugins = ["pytester"]
+
+PATCHED = [
+    (BaseDatabaseWrapper, "ensure_connection"),
+    (BaseDatabaseWrapper, "close"),
+    (DatabaseWrapper, "get_connection_params"),
+    (SyncToAsync, "__call__"),
+    (ASGIHandler, "__call__"),
+]
+
+
+def _originals() -> list[Any]:
+    return [vars(owner).get(name) for owner, name in PATCHED]
+
+
+def _identifiers() -> list[str]:
+    state = _runtime.current()
+    assert state is not None
+    return [i.identifier for i in state.integrations]
+
+
+def ready() -> None:
+    """What Django runs at startup for the app in INSTALLED_APPS."""
+    apps.get_app_config("pgleakguard").ready()
+
+
+def test_installed_app_takes_settings_then_environment(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DJANGO_SETTINGS_MODULE", "django_integration.settings")  # manage.py's
+    monkeypatch.setenv("PGLEAKGUARD_LOG_LEVEL", "error")
+    monkeypatch.setenv("PGLEAKGUARD_LEAK_THRESHOLD", "99")
+    monkeypatch.delenv("PGLEAKGUARD_SERVICE", raising=False)
+    monkeypatch.delenv("PGLEAKGUARD_INTEGRATIONS", raising=False)
+    settings.PGLEAKGUARD = {"leak_threshold": 45, "idle_in_transaction_threshold": 20}
+    ready()
+    state = _runtime.current()
+    assert state is not None
+    config = state.config
+    # settings beat the environment, which beats the defaults
+    assert (config.leak_threshold, config.idle_in_transaction_threshold) == (45.0, 20.0)
+    assert config.log_level == "ERROR"
+    assert config.service == "django_integration"  # the settings module's project
+    assert _identifiers() == ["psycopg", "psycopg_pool", "sqlalchemy", "django"]
+
+
+def test_named_integrations_in_settings_always_include_django(settings: Any) -> None:
+    settings.PGLEAKGUARD = {"integrations": ["sqlalchemy"], "service": "billing"}
+    ready()
+    assert _identifiers() == ["psycopg", "sqlalchemy", "psycopg_pool", "django"]
+    assert _runtime.current().config.service == "billing"  # type: ignore[union-attr]
+
+
+def test_an_installation_made_before_django_started_is_kept(
+    settings: Any, install: Callable[..., EventLog]
+) -> None:
+    settings.PGLEAKGUARD = None
+    install(service="from-pgleakguard-run")
+    ready()
+    assert _runtime.current().config.service == "from-pgleakguard-run"  # type: ignore[union-attr]
+
+
+def test_bad_setting_is_logged_and_reported_by_check_and_django_runs_on(
+    settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings.PGLEAKGUARD = {"leak_threshold": "soon"}
+    with caplog.at_level(logging.ERROR, logger="pgleakguard"):
+        ready()
+    assert not pgleakguard.stats()["installed"]
+    assert "pgleakguard is not installed: pgleakguard: invalid leak_threshold='soon'" in (
+        caplog.text
+    )
+    [warning] = [m for m in checks.run_checks() if m.id == "pgleakguard.W001"]
+    assert "invalid leak_threshold='soon'" in warning.msg
+    settings.PGLEAKGUARD = {"leak_threshold": 5}
+    ready()
+    assert [m for m in checks.run_checks() if m.id == "pgleakguard.W001"] == []
+
+
+def _receivers(signal: Any) -> list[Any]:
+    return [r() if isinstance(r, weakref.ref) else r for _, r, *_ in signal.receivers]
+
+
+def _ours(signal: Any) -> list[Any]:
+    return [r for r in _receivers(signal) if "pgleakguard" in getattr(r, "__module__", "")]
+
+
+def test_uninstall_restores_everything_and_keeps_djangos_own_receivers() -> None:
+    before = _originals()
+    pgleakguard.install(integrations=["django"])
+    assert all(a is not b for a, b in zip(before, _originals()))
+    finished = _receivers(signals.request_finished)
+    # ours runs before Django's close_old_connections, which closes what it must check
+    assert finished.index(_ours(signals.request_finished)[0]) < finished.index(
+        close_old_connections
+    )
+    assert len(_ours(signals.request_started)) == 1
+    pgleakguard.uninstall()
+    assert all(a is b for a, b in zip(before, _originals()))
+    for signal in (signals.request_started, signals.request_finished):
+        assert close_old_connections in _receivers(signal)
+        assert _ours(signal) == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_application_name_is_the_project_name_unless_options_set_one(
+    install: Callable[..., EventLog],
+) -> None:
+    install(service=None)
+
+    def server_side() -> str:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+            )
+            return str(cursor.fetchone()[0])
+
+    with database_settings():
+        assert server_side() == f"django_integration/pid:{os.getpid()}"
+        [held] = pgleakguard.open_checkouts()
+        assert held.application_name == f"django_integration/pid:{os.getpid()}"
+    options = connection.settings_dict["OPTIONS"]
+    with database_settings(OPTIONS={**options, "application_name": "billing api"}):
+        assert server_side() == f"billing-api/pid:{os.getpid()}"  # kept as the service part
+        assert tagging.parse(server_side()) == tagging.Tag("billing-api", os.getpid())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_diagnose_prints_this_process_checkouts_and_the_services_sessions(
+    events: EventLog, pg_dsn: str
+) -> None:
+    kept: list[Any] = []
+    ready_to_look = threading.Event()
+
+    def poller() -> None:
+        ContentType.objects.count()
+        kept.append(connections["default"])
+        ready_to_look.set()
+
+    worker = threading.Thread(target=poller, name="poller")
+    worker.start()
+    ready_to_look.wait(10)
+    out = io.StringIO()
+    [poller_pid] = [c.backend_pid for c in pgleakguard.open_checkouts()]
+    call_command("pgleakguard", "diagnose", stdout=out)
+    text = out.getvalue()
+    worker.join()
+    close_from_here(kept[0])
+    pid = os.getpid()
+    assert "password" not in text
+    assert text.startswith("pgleakguard diagnose --dsn ")
+    assert "dbname='test_postgres'" in text.splitlines()[1]  # the configured database
+    # the poller's session is attributed to this service and process, from its tag
+    owners = text[text.index("by owner (tags: service, pid, call-site):") :]
+    row = re.search(rf"^\s*tests\s+{pid}\s+-\s+(\d+)\s+(\d+) idle", owners, re.M)
+    assert row is not None and int(row.group(1)) >= 1, owners
+
+
+def test_conninfo_keeps_the_password_out_and_quotes_values() -> None:
+    dsn, password = command.conninfo(
+        {
+            "host": "/tmp/pg dir",
+            "port": 5432,
+            "dbname": "db",
+            "user": "o'neil",
+            "password": "s3cret",
+            "cursor_factory": object(),
+            "prepare_threshold": None,
+        }
+    )
+    assert dsn == "host='/tmp/pg dir' port='5432' dbname='db' user='o\\'neil'"
+    assert password == "s3cret"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_diagnose_passes_the_password_through_the_environment_only(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # trust authentication on the test server: any password connects, none may be shown
+    monkeypatch.setitem(connection.settings_dict, "PASSWORD", "s3cret-pw-77")
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    out = io.StringIO()
+    call_command("pgleakguard", "diagnose", "--format", "json", stdout=out)
+    text = out.getvalue()
+    captured = capfd.readouterr()
+    assert '"version": 1' in text  # the real diagnosis ran, in JSON
+    assert "s3cret-pw-77" not in text + captured.out + captured.err
+    assert "PGPASSWORD" not in os.environ  # restored after the command
+
+
+def test_inline_pytest_runs_in_this_configured_process_do_not_start_pytest_django(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile("def test_ok():\n    assert 1\n")
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.runpytest().assert_outcomes(passed=1)

@@ -1,0 +1,212 @@
+"""Threads that keep their Django connection: ended threads, executor workers, idle
+transactions, and what is still open at exit. Each report names the leaking line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from django.contrib.contenttypes.models import ContentType
+from django.db import connection, connections, transaction
+
+import pgleakguard
+from pgleakguard import CallSite
+
+from .helpers import close_from_here, session, wait_gone
+from conftest import EventLog, marked_line
+
+HERE = __file__
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def backend_pid() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        return int(cursor.fetchone()[0])
+
+
+def test_thread_that_ends_without_closing_its_connection(events: EventLog, pg_dsn: str) -> None:
+    kept: list[tuple[Any, int]] = []
+
+    def nightly_export() -> None:
+        ContentType.objects.count()  # leak: dj-thread
+        kept.append((connections["default"], backend_pid()))
+
+    job = threading.Thread(target=nightly_export, name="nightly-export")
+    job.start()
+    job.join()
+    [event] = events.wait_for("owner_exited")
+    wrapper, pid = kept[0]
+    assert event.callsite == CallSite(HERE, marked_line(HERE, "dj-thread"), "nightly_export")
+    assert (event.integration, event.pool, event.backend_pid) == ("django", None, pid)
+    assert (event.holder, event.holder_kind) == ("nightly-export", "thread")
+    assert not event.holder_alive
+    assert event.severity == "definite"
+    assert session(pg_dsn, pid) is not None  # the server really still has the session
+    close_from_here(wrapper)
+    assert events.wait_returned().checkout_id == event.checkout_id
+    wait_gone(pg_dsn, pid)
+    pgleakguard.check()
+    assert [e.kind for e in events.leaks()] == ["owner_exited"]
+
+
+def test_executor_worker_that_keeps_its_connection_is_held_too_long(
+    install: Callable[..., EventLog],
+) -> None:
+    events = install(leak_threshold=0.3, idle_in_transaction_threshold=30)
+
+    def refresh_report() -> int:
+        ContentType.objects.count()  # leak: dj-executor
+        return backend_pid()
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reports") as executor:
+        pid = executor.submit(refresh_report).result()
+        [event] = events.wait_for("held_too_long")
+        assert event.callsite == CallSite(HERE, marked_line(HERE, "dj-executor"), "refresh_report")
+        assert (event.holder, event.holder_alive, event.backend_pid) == ("reports_0", True, pid)
+        assert event.severity == "suspected"
+        assert event.holder_stack  # what the idle worker is doing now
+        executor.submit(connections.close_all).result()
+        returned = events.wait_returned()
+    assert returned.checkout_id == event.checkout_id
+    assert returned.kinds == ("held_too_long",)
+    assert [e.kind for e in events.leaks()] == ["held_too_long"]
+
+
+def test_worker_idle_inside_a_transaction(install: Callable[..., EventLog]) -> None:
+    events = install(leak_threshold=30, idle_in_transaction_threshold=0.3)
+    reported = threading.Event()
+
+    def import_batch() -> None:
+        try:
+            with transaction.atomic():  # leak: dj-idle
+                ContentType.objects.count()
+                reported.wait(10)
+        finally:
+            connections.close_all()
+
+    worker = threading.Thread(target=import_batch, name="importer")
+    worker.start()
+    try:
+        [event] = events.wait_for("idle_in_transaction")
+    finally:
+        reported.set()
+        worker.join()
+    assert event.callsite == CallSite(HERE, marked_line(HERE, "dj-idle"), "import_batch")
+    assert event.transaction_status == "INTRANS"
+    assert events.wait_returned().kinds == ("idle_in_transaction",)
+
+
+def test_main_thread_connection_outside_requests_is_never_reported(
+    install: Callable[..., EventLog],
+) -> None:
+    events = install(leak_threshold=0.1, idle_in_transaction_threshold=0.1)
+    with transaction.atomic():
+        ContentType.objects.count()
+        [held] = pgleakguard.open_checkouts()
+        assert (held.holder, held.integration) == ("MainThread", "django")
+        threading.Event().wait(0.3)  # three thresholds, in a transaction, in the main thread
+        pgleakguard.check()
+    assert events == []
+
+
+_EXIT_SCRIPT = """
+import threading, django
+from django.conf import settings
+settings.configure(
+    INSTALLED_APPS=["pgleakguard.integrations.django"],
+    PGLEAKGUARD={"leak_threshold": 60},
+    DATABASES={"default": {"ENGINE": "django.db.backends.postgresql", "NAME": %(name)r,
+                           "USER": %(user)r, "HOST": %(host)r, "PORT": %(port)r}},
+)
+django.setup()
+from django.db import connection
+
+def poller():
+    connection.ensure_connection()  # leak: dj-exit
+    stop.wait()
+
+stop = threading.Event()
+threading.Thread(target=poller, name="poller", daemon=True).start()
+connection.ensure_connection()  # the main thread's connection: Django's to keep
+while len(__import__("pgleakguard").open_checkouts()) < 2:
+    threading.Event().wait(0.01)
+"""
+
+
+def test_worker_connection_open_at_exit_is_never_closed_but_the_main_threads_is_not(
+    tmp_path: Path,
+) -> None:
+    db = connections["default"].settings_dict
+    script = tmp_path / "exit_with_connections.py"
+    script.write_text(
+        _EXIT_SCRIPT
+        % {"name": db["NAME"], "user": db["USER"], "host": db["HOST"], "port": db["PORT"]}
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        env=dict(os.environ, PYTHONPATH=str(Path(pgleakguard.__file__).parent.parent)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    line = marked_line(str(script), "dj-exit")
+    assert proc.stderr.count("pgleakguard: connection leak") == 1, proc.stderr
+    assert f"[never_closed, definite] checked out at {script}:{line} in poller" in proc.stderr
+
+
+_PSYCOPG2_SCRIPT = """
+import sys, threading
+sys.modules["psycopg"] = None  # as on a machine with psycopg2 only: Django picks psycopg2
+import django
+from django.conf import settings
+settings.configure(
+    INSTALLED_APPS=["pgleakguard.integrations.django"],
+    PGLEAKGUARD={"leak_threshold": 60, "service": "legacy"},
+    DATABASES={"default": {"ENGINE": "django.db.backends.postgresql", "NAME": %(name)r,
+                           "USER": %(user)r, "HOST": %(host)r, "PORT": %(port)r}},
+)
+django.setup()
+import pgleakguard
+from django.db import connection
+assert connection.Database.__name__ == "psycopg2"
+
+def job():
+    with connection.cursor() as cursor:  # leak: dj-psycopg2
+        cursor.execute("SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+        print("server-side:", cursor.fetchone()[0])
+
+worker = threading.Thread(target=job, name="legacy-job")
+worker.start()
+worker.join()
+pgleakguard.check()
+"""
+
+
+def test_psycopg2_backend_is_tracked_and_tagged(tmp_path: Path) -> None:
+    db = connections["default"].settings_dict
+    script = tmp_path / "psycopg2_backend.py"
+    script.write_text(
+        _PSYCOPG2_SCRIPT
+        % {"name": db["NAME"], "user": db["USER"], "host": db["HOST"], "port": db["PORT"]}
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        env=dict(os.environ, PYTHONPATH=str(Path(pgleakguard.__file__).parent.parent)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    line = marked_line(str(script), "dj-psycopg2")
+    assert f"[owner_exited, definite] checked out at {script}:{line} in job" in proc.stderr
+    assert "integration=django" in proc.stderr
+    child_pid = proc.stdout.split("server-side: legacy/pid:")[1].split()[0]
+    assert f"application_name=legacy/pid:{child_pid}" in proc.stderr

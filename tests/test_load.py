@@ -130,6 +130,7 @@ def test_memory_returns_to_baseline_and_a_million_checkouts_do_not_grow_it(
             after = ours(after_snap)
         finally:
             tracemalloc.stop()
+
         def live_records() -> int:
             gc.collect()
             return sum(1 for o in gc.get_objects() if type(o) is Checkout)

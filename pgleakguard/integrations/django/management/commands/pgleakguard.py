@@ -32,6 +32,7 @@ _LIBPQ_KEYS = (
     "gssencmode",
 )
 
+
 def conninfo(params: dict[str, Any]) -> tuple[str, str | None]:
     """A libpq ``key=value`` DSN for Django's connection parameters, and the password."""
     parts = []

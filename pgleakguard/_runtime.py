@@ -100,6 +100,20 @@ def _uninstall_locked() -> None:
     state.tracker.flush()
 
 
+def enable_integrations(names: tuple[str, ...]) -> list[str]:
+    """Enable more integrations on the current installation (those not enabled yet, with
+    their companions); the identifiers enabled now. The pytest plugin calls it for a library
+    the test session imports after pgleakguard was installed."""
+    with _lock:
+        state = _state
+        if state is None:
+            raise RuntimeError("pgleakguard is not installed: call pgleakguard.install() first")
+        have = tuple(i.identifier for i in state.integrations)
+        added = enable(names, state.tracker, enabled_already=have)
+        state.integrations.extend(added)
+    return [i.identifier for i in added]
+
+
 def instrument_engine(engine: Any) -> None:
     """Track one SQLAlchemy Engine or AsyncEngine created before install() or with the
     sqlalchemy integration not enabled. Idempotent; undone by uninstall()."""

@@ -36,6 +36,12 @@ LIBRARY_MODULES: tuple[str, ...] = (
     "greenlet",
     "wrapt",
     "opentelemetry.instrumentation",
+    # The test harness: never where a test took its connection, only what ran the test.
+    "_pytest",
+    "pluggy",
+    "pytest_asyncio",
+    "xdist",
+    "execnet",
 )
 
 #: The asyncio task awaiting the code this thread runs for it (asgiref's ``sync_to_async``,
@@ -43,8 +49,11 @@ LIBRARY_MODULES: tuple[str, ...] = (
 AWAITING: ContextVar[Any] = ContextVar("pgleakguard_awaiting", default=None)
 
 _prefixes: tuple[str, ...] = LIBRARY_MODULES
-# code object -> "is a library frame"; code objects are few and long-lived.
-_library_code: dict[CodeType, bool] = {}
+# id(code object) -> "is a library frame". Keyed by identity: equal code objects (the same
+# function in two files compare equal) may differ in module. _codes keeps each key's code
+# alive, so an id is never reused while cached. Code objects are few and long-lived.
+_library_code: dict[int, bool] = {}
+_codes: list[CodeType] = []
 _CACHE_LIMIT = 50_000
 
 
@@ -53,11 +62,12 @@ def set_ignored_modules(extra: tuple[str, ...]) -> None:
     global _prefixes
     _prefixes = LIBRARY_MODULES + tuple(extra)
     _library_code.clear()
+    _codes.clear()
 
 
 def _is_library(frame: FrameType) -> bool:
     code = frame.f_code
-    known = _library_code.get(code)
+    known = _library_code.get(id(code))
     if known is not None:
         return known
     module = frame.f_globals.get("__name__")
@@ -65,7 +75,9 @@ def _is_library(frame: FrameType) -> bool:
     result = any(name == p or name.startswith(p + ".") for p in _prefixes)
     if len(_library_code) >= _CACHE_LIMIT:
         _library_code.clear()
-    _library_code[code] = result
+        _codes.clear()
+    _codes.append(code)
+    _library_code[id(code)] = result
     return result
 
 
@@ -92,7 +104,7 @@ def capture(depth: int, skip: int = 1) -> Stack:
             frame = next(beyond, None)
             if frame is None:
                 break
-        library = known.get(frame.f_code)
+        library = known.get(id(frame.f_code))
         if library is None:
             library = _is_library(frame)
         if not library:
@@ -166,21 +178,23 @@ class CallSite:
 UNKNOWN = CallSite("<unknown>", 0, "<unknown>")
 
 
-_sites: dict[tuple[CodeType, int], CallSite] = {}
+# (id(code), lasti) -> (code, call-site); the code is checked by identity (see _library_code).
+_sites: dict[tuple[int, int], tuple[CodeType, CallSite]] = {}
 
 
 def callsite_of(stack: Stack) -> CallSite:
     """The call-site (first frame) of a captured stack."""
     if not stack:
         return UNKNOWN
-    key = (stack[0], stack[1])
-    site = _sites.get(key)
-    if site is None:
-        code = stack[0]
-        site = CallSite(code.co_filename, line_of(code, stack[1]), code.co_name)
-        if len(_sites) >= _CACHE_LIMIT:
-            _sites.clear()
-        _sites[key] = site
+    code = stack[0]
+    key = (id(code), stack[1])
+    cached = _sites.get(key)
+    if cached is not None and cached[0] is code:
+        return cached[1]
+    site = CallSite(code.co_filename, line_of(code, stack[1]), code.co_name)
+    if len(_sites) >= _CACHE_LIMIT:
+        _sites.clear()
+    _sites[key] = (code, site)
     return site
 
 

@@ -14,15 +14,18 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Sequence
+from contextlib import suppress
 from time import monotonic, time
 from typing import Any, Callable, Optional
 
 from . import callsite as _callsite
+from . import tagging as _tagging
 from ._safety import guard, logger, record_internal_error
 from .callsite import Stack
 from .config import Config
 from .events import (
     GARBAGE_COLLECTED,
+    NEVER_CLOSED,
     CheckoutInfo,
     Event,
     LeakEvent,
@@ -213,7 +216,7 @@ class Tracker:
         self._depth = config.stack_depth if config.capture_stack else 1
         self._on_begin: Callable[[], None] | None = None
         self._watching = False
-        self._service = config.service
+        self._service = config.service or _tagging.default_service()
         #: The OpenTelemetry layer (pgleakguard.otel.Telemetry), when enabled.
         self.telemetry: Any = None
         #: Leak events delivered so far, by kind.
@@ -224,6 +227,9 @@ class Tracker:
         #: Recent checkouts whose connection was garbage collected: a pool never gets
         #: those back, so its timeout message names them too.
         self.collected: deque[Checkout] = deque(maxlen=1000)
+        #: Physical connections opened through a hooked library and still alive, by backend
+        #: pid (pool-owned ones included): what this process can account for on the server.
+        self.connections: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
     # -- hot path -------------------------------------------------------------------------
 
@@ -284,6 +290,18 @@ class Tracker:
             except Exception as exc:
                 record_internal_error(exc)
         return rec
+
+    def mark(self) -> int:
+        """A dividing id: checkouts begun before this call have smaller ids, those begun
+        after it larger ones (the pytest plugin's per-test window)."""
+        return next(self._ids)
+
+    def connected(self, backend_pid: int | None, connection: Any) -> None:
+        """A physical connection to ``backend_pid`` was opened (not a hot path)."""
+        # An object that takes no weak reference is not accounted for (TypeError).
+        if backend_pid:
+            with suppress(TypeError):
+                self.connections[backend_pid] = connection
 
     def _start_watching(self) -> None:
         # The first checkout starts the watchdog (again after a fork or a stop).
@@ -367,6 +385,18 @@ class Tracker:
         self._pending.append((kind, rec, details))
         return True
 
+    def report_now(self, rec: Checkout, event: LeakEvent) -> bool:
+        """Deliver ``event``, a leak of ``rec`` found outside the watchdog (the pytest
+        plugin's end-of-test check), to the sinks now, in the calling thread; unless its kind
+        was already reported for ``rec``."""
+        if event.kind in rec.reported:
+            return False
+        rec.reported += (event.kind,)
+        self.leak_counts[event.kind] = self.leak_counts.get(event.kind, 0) + 1
+        with guard():
+            self._dispatch(event)
+        return True
+
     def flush(self, deliver: Callable[[Event], None] | None = None) -> None:
         """Turn queued findings into events and hand them, in order, to ``deliver``
         (default: straight to the sinks, in the calling thread)."""
@@ -395,7 +425,9 @@ class Tracker:
     ) -> LeakEvent:
         """Build the full report for ``rec`` (renders stacks: not for hot paths)."""
         depth = self.config.stack_depth
-        holder = rec.holder_frames(depth)
+        # A collected connection has no holder any more; at exit, the holder is the exit.
+        gone = kind in (GARBAGE_COLLECTED, NEVER_CLOSED)
+        holder = None if gone else rec.holder_frames(depth)
         return LeakEvent(
             **rec.info(monotonic()),
             kind=kind,
@@ -431,6 +463,7 @@ class Tracker:
             rec.closed = True
         self.registry = Registry()
         self._pending.clear()
+        self.connections = weakref.WeakValueDictionary()
         self._watching = False
 
 

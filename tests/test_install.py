@@ -125,3 +125,13 @@ def test_django_asked_for_by_name_without_django_is_a_clear_error(
     with pytest.raises(pgleakguard.DidNotEnable, match="^Django is not installed$"):
         pgleakguard.install(integrations=["django"])
     assert not pgleakguard.stats()["installed"]
+
+
+def test_public_api_names_resolve_on_first_use() -> None:
+    import pgleakguard as api
+
+    assert set(api.__all__) == {*api._HOME, "__version__"}
+    for name in api.__all__:
+        assert getattr(api, name) is not None
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        api.nope  # noqa: B018

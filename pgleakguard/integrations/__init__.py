@@ -78,8 +78,11 @@ class Integration:
         self.patcher.restore()
 
 
-def enable(names: tuple[str, ...], tracker: Tracker) -> list[Integration]:
-    """Enable ``names`` (or every available library for ``("auto",)``)."""
+def enable(
+    names: tuple[str, ...], tracker: Tracker, enabled_already: tuple[str, ...] = ()
+) -> list[Integration]:
+    """Enable ``names`` (or every available library for ``("auto",)``), with their
+    companions, leaving out those in ``enabled_already``."""
     auto = names == ("auto",)
     wanted: list[tuple[str, bool]] = []  # (name, asked for by name)
     for name in AVAILABLE if auto else names:
@@ -88,6 +91,7 @@ def enable(names: tuple[str, ...], tracker: Tracker) -> list[Integration]:
                 wanted.append((companion, False))
         wanted = [(n, named) for n, named in wanted if n != name]
         wanted.append((name, not auto))
+    wanted = [(n, named) for n, named in wanted if n not in enabled_already]
     enabled: list[Integration] = []
     try:
         for name, named in wanted:

@@ -134,6 +134,7 @@ class PsycopgIntegration(Integration):
     def connected(self, conn: Any, caller: FrameType, started: float) -> None:
         """A physical connection was opened: track it unless a pool owns it."""
         _, pid, name = connection_meta(conn)
+        self.tracker.connected(pid, conn)
         # Look through other instrumentations' wrappers to the code that asked.
         while caller.f_back is not None and str(caller.f_globals.get("__name__")).startswith(
             WRAPPER_MODULES

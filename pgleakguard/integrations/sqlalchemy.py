@@ -199,7 +199,8 @@ class SQLAlchemyIntegration(Integration):
             started = connection_record.info.get(_CREATED)
             if isinstance(started, float):  # reported by engine_connect, which knows the pool
                 connection_record.info[_CREATED] = (monotonic() - started,)
-            connection_record.info[_PID] = backend_pid(dbapi_connection)
+            pid = connection_record.info[_PID] = backend_pid(dbapi_connection)
+            self.tracker.connected(pid, dbapi_connection)
             connection_record.info[_APP] = application_name_of(dbapi_connection)
 
     def _on_checkout(self, dbapi_connection: Any, connection_record: Any, proxy: Any) -> None:

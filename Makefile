@@ -34,6 +34,7 @@ lint: $(VENV)/.dev
 bench: $(VENV)/.test
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/diagnose.py
+	$(BIN)/python benchmarks/pytest_plugin.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 import threading
 from typing import Any
 
@@ -30,21 +31,39 @@ class Installed:
         self.watchdog = Watchdog(self.tracker, self.delivery.put)
         self.tracker._on_begin = self.watchdog.ensure_started
         if config.otel:
-            from .otel import Telemetry
-
-            telemetry = Telemetry(
-                config.meter_provider,
-                config.tracer_provider,
-                config.otel_checkout_spans,
-                self.tracker.registry.snapshot,
-            )
-            self.tracker.telemetry = telemetry
-            self.dispatcher.sinks.append(telemetry)
+            self.watchdog.tick = self.otel_tick
+            # An SDK is configured through the opentelemetry package: while nobody has
+            # imported it there is none, and importing it (15 ms) can wait.
+            if config.meter_provider or config.tracer_provider or "opentelemetry" in sys.modules:
+                self.attach_telemetry()
         if config.activity_dsn:
             from .server import ActivityLookup
 
             self.delivery.enrich = ActivityLookup(config.activity_dsn)
         self.integrations: list[Integration] = []
+
+    def attach_telemetry(self) -> None:
+        """Record OpenTelemetry metrics and leak spans (from when a provider is configured)."""
+        from .otel import Telemetry
+
+        config = self.config
+        telemetry = Telemetry(
+            config.meter_provider,
+            config.tracer_provider,
+            config.otel_checkout_spans,
+            self.tracker.registry.snapshot,
+        )
+        self.tracker.telemetry = telemetry
+        self.dispatcher.sinks.append(telemetry)
+
+    def otel_tick(self) -> None:
+        """Before each watchdog scan: notice an SDK configured since install()."""
+        telemetry = self.tracker.telemetry
+        if telemetry is None:
+            if "opentelemetry" in sys.modules:
+                self.attach_telemetry()
+        elif not (telemetry.metrics_on and telemetry.traces_on):
+            telemetry.refresh()
 
 
 _lock = threading.RLock()

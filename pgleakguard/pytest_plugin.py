@@ -192,26 +192,29 @@ class LeakGuard:
                 self.server.start()
         except Exception as exc:
             _internal_error(exc)
-        return (yield)
+        result = yield
+        _allowed(item)  # a malformed marker fails the test here, leak or not
+        return result
 
     @pytest.hookimpl(wrapper=True)
     def pytest_fixture_setup(self, fixturedef: Any, request: Any) -> Any:
         window = self.window
         if window is None or window.tracker is None:
             return (yield)
-        before = window.tracker.mark()
+        tracker = window.tracker
+        before = tracker.mark()
         try:
             return (yield)
         finally:
-            self._fixture_set_up(fixturedef, window, before)
+            after = tracker.mark()
+            if after != before + 1:  # ids were taken in between: checkouts began
+                self._fixture_set_up(fixturedef, window, before, after)
 
-    def _fixture_set_up(self, fixturedef: Any, window: Window, before: int) -> None:
+    def _fixture_set_up(self, fixturedef: Any, window: Window, before: int, after: int) -> None:
         from ._safety import guard
 
         with guard():
-            tracker = window.tracker
-            after = tracker.mark()
-            recs = [r for r in tracker.registry.snapshot() if before < r.id < after]
+            recs = [r for r in window.tracker.registry.snapshot() if before < r.id < after]
             if not recs:
                 return
             scope = str(getattr(fixturedef, "scope", "function"))
@@ -243,21 +246,20 @@ class LeakGuard:
             return  # nothing tracked: pgleakguard is not installed
         from ._safety import guard
 
-        allowed = _allowed(item)
         records: list[dict[str, Any]] = []
         with guard():
-            records = self._find(item, allowed)
-        if records:
-            item.stash[_records_key] = records
-        failing = [r for r in records if r["allowed"] is None]
-        if fail and failing:
-            pytest.fail(_failure_text(failing, self.rootdir), pytrace=False)
+            records = self._find(item)
+        if not records:
+            return
+        allowed = _allowed(item)
+        for record in records:
+            record["allowed"] = allowed
+        item.stash[_records_key] = records
+        if fail and allowed is None:
+            pytest.fail(_failure_text(records, self.rootdir), pytrace=False)
 
-    def _find(self, item: pytest.Item, allowed: str | None) -> list[dict[str, Any]]:
-        import gc
-
-        from .testing import classify
-
+    def _find(self, item: pytest.Item) -> list[dict[str, Any]]:
+        """The leaks of the test that just ended, and of the fixtures finalized with it."""
         window, self.window = self.window, None
         finalized, self.finalized = self.finalized, []
         if window is None or window.tracker is None:
@@ -270,6 +272,22 @@ class LeakGuard:
         scopes += [
             (f"fixture {name!r} ({scope} scope)", name, recs) for name, scope, recs in finalized
         ]
+        records = []
+        if any(recs for *_, recs in scopes):
+            records = self._classify(item, tracker, scopes)
+        if self.server is not None:
+            held = {r["backend_pid"] for r in records}
+            for leak in self.server.check(tracker, exclude=held):
+                records.append(_server_record(item.nodeid, leak))
+        return records
+
+    def _classify(
+        self, item: pytest.Item, tracker: Tracker, scopes: list[tuple[str, str | None, Any]]
+    ) -> list[dict[str, Any]]:
+        import gc
+
+        from .testing import classify
+
         if self.collect and any(not r.closed and not r.parked for *_, recs in scopes for r in recs):
             gc.collect()
         records = []
@@ -277,11 +295,7 @@ class LeakGuard:
             for event in classify(tracker, recs, owner, collect=False):
                 if not self._ignored(event):
                     name = fixture or self.taken_in.get(event.checkout_id)
-                    records.append(_record(item.nodeid, owner, name, event, allowed))
-        if self.server is not None:
-            held = {r["backend_pid"] for r in records}
-            for leak in self.server.check(tracker, exclude=held):
-                records.append(_server_record(item.nodeid, leak, allowed))
+                    records.append(_record(item.nodeid, owner, name, event))
         return records
 
     def _ignored(self, event: LeakEvent) -> bool:
@@ -378,9 +392,7 @@ def _allowed(item: pytest.Item) -> str | None:
     return None
 
 
-def _record(
-    test: str, owner: str, fixture: str | None, event: LeakEvent, allowed: str | None
-) -> dict[str, Any]:
+def _record(test: str, owner: str, fixture: str | None, event: LeakEvent) -> dict[str, Any]:
     """One leak as a JSON-ready dict (what reports carry, the summary and the JSON show)."""
     site = event.callsite
     record = {
@@ -394,14 +406,14 @@ def _record(
         "line": site.line,
         "function": site.function,
         "backend_pid": event.backend_pid,
-        "allowed": allowed,
+        "allowed": None,  # set by the caller, from the test's marker
         "report": event.render(),
         "event": event.as_dict(),
     }
     return json.loads(json.dumps(record, default=str))  # type: ignore[no-any-return]
 
 
-def _server_record(test: str, leak: ServerLeak, allowed: str | None) -> dict[str, Any]:
+def _server_record(test: str, leak: ServerLeak) -> dict[str, Any]:
     return {
         "test": test,
         "owner": f"test {test}",
@@ -413,7 +425,7 @@ def _server_record(test: str, leak: ServerLeak, allowed: str | None) -> dict[str
         "line": None,
         "function": None,
         "backend_pid": leak.backend_pid,
-        "allowed": allowed,
+        "allowed": None,
         "report": leak.render(),
         "event": leak.as_dict(),
     }

@@ -27,6 +27,8 @@ class Watchdog:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self.scans = 0
+        #: Called before each scheduled scan (the OpenTelemetry layer's provider check).
+        self.tick: Callable[[], None] | None = None
 
     @property
     def running(self) -> bool:
@@ -62,10 +64,9 @@ class Watchdog:
     def _run(self) -> None:
         stop = self._stop
         while not stop.wait(self.interval):
-            telemetry = self.tracker.telemetry
-            if telemetry is not None and not (telemetry.metrics_on and telemetry.traces_on):
+            if self.tick is not None:
                 with guard():
-                    telemetry.refresh()  # an SDK may have been configured since
+                    self.tick()
             with guard():
                 self.scan()
             with guard():

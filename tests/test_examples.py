@@ -92,3 +92,23 @@ def test_django_example_project_reports_its_leaking_views(pg_dsn: str) -> None:
         ) in out
         assert "held by pooled-export-1, pooled-export-2)" in out
     assert "Traceback" not in out + proc.stderr
+
+
+def test_pytest_example_suite_fails_the_leaking_test_naming_the_helper(pg_dsn: str) -> None:
+    suite = EXAMPLES / "pytest_suite"
+    orders = suite / "orders.py"
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
+    proc = subprocess.run(
+        [sys.executable, str(suite / "run_tests.py")],
+        env=dict(env, DATABASE_URL=pg_dsn),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # tests failed (an error)
+    line = line_of(orders, "conn = engine.connect()")
+    out = proc.stdout
+    assert "ERROR at teardown of test_export_report" in out
+    assert f"checked out at {orders}:{line} in export_report" in out
+    assert f"test_orders.py::test_export_report: garbage_collected at orders.py:{line}" in out
+    assert "2 passed, 1 error" in out

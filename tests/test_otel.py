@@ -3,9 +3,12 @@ with the real SDK and in-memory exporters."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Callable
 
 import psycopg
@@ -222,6 +225,49 @@ def test_without_an_sdk_nothing_is_recorded_and_nothing_breaks(
             pool.getconn()
         events.wait_for("held_too_long")
         pool.putconn(kept)
+
+
+LATE_SDK = """
+import sys, time
+import psycopg
+import pgleakguard
+
+pgleakguard.install(leak_threshold=0.2, service="late")
+assert "opentelemetry" not in sys.modules, "install() imported OpenTelemetry"
+with psycopg.connect(sys.argv[1]) as conn:
+    conn.execute("SELECT 1")
+assert "opentelemetry" not in sys.modules, "a checkout imported OpenTelemetry"
+
+# The application configures its SDK only now.
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+conn = psycopg.connect(sys.argv[1])
+deadline = time.monotonic() + 10
+while not exporter.get_finished_spans() and time.monotonic() < deadline:
+    time.sleep(0.02)
+[span] = exporter.get_finished_spans()
+print(span.name, span.attributes["pgleakguard.leak.kind"])
+conn.close()
+"""
+
+
+def test_opentelemetry_is_not_imported_until_the_application_imports_it(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    script = tmp_path / "late_sdk.py"
+    script.write_text(LATE_SDK)
+    proc = subprocess.run(
+        [sys.executable, str(script), pg_dsn], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "pgleakguard.leak held_too_long"
 
 
 def test_otel_can_be_turned_off(install: Callable[..., EventLog]) -> None:

@@ -141,7 +141,9 @@ def engine():
     engine.dispose()
 """
 
-LEAKS = FIXTURES + """
+LEAKS = (
+    FIXTURES
+    + """
 
 def test_raw(dsn):
     conn = psycopg.connect(dsn)  # leak: raw
@@ -179,8 +181,11 @@ def test_orm_session(engine):
     session = Session(engine)
     session.execute(sa.text("SELECT 1"))  # leak: session
 """
+)
 
-CLEAN = FIXTURES + """
+CLEAN = (
+    FIXTURES
+    + """
 
 def test_raw(dsn):
     with psycopg.connect(dsn) as conn:
@@ -220,6 +225,7 @@ def test_orm_session(engine):
     with Session(engine) as session:
         session.execute(sa.text("SELECT 1"))
 """
+)
 
 EXPECTED = [
     ("test_raw", "raw", "psycopg"),
@@ -555,8 +561,10 @@ def test_a_marker_with_unknown_arguments_fails_the_test_saying_so(inner: Inner) 
         """,
     )
     result = inner.run()
-    result.assert_outcomes(passed=1, errors=1)
-    result.stdout.fnmatch_lines(["*takes allow=True or allow='reason', not 'yes'*"])
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        ["*ERROR at setup of test_one*", "*takes allow=True or allow='reason', not 'yes'*"]
+    )
 
 
 def test_ini_ignore_patterns_exempt_call_sites(inner: Inner) -> None:

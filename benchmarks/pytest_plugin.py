@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -95,10 +96,12 @@ def suite(root: Path, body: str, tests: int) -> Path:
     return root
 
 
-def run(root: Path, args: list[str], dsn: str) -> float:
-    """Wall seconds of one pytest run (fails loudly if the run did not do what it should)."""
+def run(root: Path, args: list[str], dsn: str) -> tuple[float, float]:
+    """Wall and CPU (user + system) seconds of one pytest run, in a new process (fails
+    loudly if the run did not do what it should)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PGLEAKGUARD_")}
     env["BENCH_DSN"] = dsn
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", *args],
@@ -109,30 +112,42 @@ def run(root: Path, args: list[str], dsn: str) -> float:
         timeout=600,
     )
     elapsed = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"benchmark bug: pytest {args} exited {proc.returncode}:\n{proc.stdout}")
-    return elapsed
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return elapsed, cpu
 
 
-def pairs(root: Path, a: list[str], b: list[str], dsn: str, count: int) -> list[float]:
-    ratios = []
+def pairs(
+    root: Path, a: list[str], b: list[str], dsn: str, count: int
+) -> tuple[list[float], list[float], float]:
+    """Wall and CPU pair ratios, and the median bare wall time of one run."""
+    wall, cpu, bare_runs = [], [], []
     for k in range(count + 1):
         order = (True, False, False, True) if k % 2 == 0 else (False, True, True, False)
         times = [(is_a, run(root, a if is_a else b, dsn)) for is_a in order]
         if k == 0:
             continue  # warm-up: file caches, bytecode
-        bare = sum(t for is_a, t in times if is_a)
-        instr = sum(t for is_a, t in times if not is_a)
-        ratios.append(instr / bare)
-    return ratios
+        for clock, out in ((0, wall), (1, cpu)):
+            bare = sum(t[clock] for is_a, t in times if is_a)
+            instr = sum(t[clock] for is_a, t in times if not is_a)
+            out.append(instr / bare)
+        bare_runs += [t[0] for is_a, t in times if is_a]
+    return wall, cpu, statistics.median(bare_runs)
 
 
-def row(name: str, ratios: list[float], target: float | None) -> str:
-    median = statistics.median(ratios)
-    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (median,) * 3
+def row(name: str, measured: tuple[list[float], list[float], float], target: float | None) -> str:
+    wall, cpu, bare = measured
+    cells = []
+    for ratios in (wall, cpu):
+        median = statistics.median(ratios)
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (median,) * 3
+        cells.append(f"{median:6.3f}x {q1:.3f}-{q3:.3f}")
+    median = statistics.median(wall)
     verdict = "-" if target is None else ("PASS" if median <= target else "MISS")
     limit = f"<= {target:.2f}x" if target else "-"
-    return f"{name:<58} {median:6.3f}x  {q1:.3f}-{q3:.3f}  {limit:>8}  {verdict}"
+    return f"{name:<52} {bare:5.2f} s  {cells[0]}  {cells[1]}  {limit:>8}  {verdict}"
 
 
 def main() -> int:
@@ -145,11 +160,13 @@ def main() -> int:
     with postgres(args.dsn) as dsn, tempfile.TemporaryDirectory() as tmp:
         clean = suite(Path(tmp) / "clean", CLEAN, args.tests)
         leaky = suite(Path(tmp) / "leaky", LEAKY, args.tests)
-        one = run(clean, off, dsn)
+        run(clean, off, dsn)  # warm the file cache
         print(machine())
-        print(f"{args.tests} tests per suite, {args.pairs} ABBA pairs per row; ", end="")
-        print(f"one bare run of the clean suite: {one:.2f} s wall\n")
-        print(f"{'suite (wall time of the whole pytest run)':<58} {'ratio':>7}  {'pair IQR':<11}")
+        print(f"{args.tests} tests per suite, {args.pairs} ABBA pairs per row\n")
+        print(
+            f"{'suite (whole pytest runs)':<52} {'bare':>7}  {'wall ratio, IQR':<20}  "
+            f"{'CPU ratio, IQR':<20}  {'target':>8}"
+        )
         n = args.tests
         no_gc = ["--pgleakguard-no-gc"]
         warn = ["--pgleakguard=warn"]

@@ -39,7 +39,9 @@ class Installed:
         if config.activity_dsn:
             from .server import ActivityLookup
 
-            self.delivery.enrich = ActivityLookup(config.activity_dsn)
+            self.delivery.enrich = ActivityLookup(
+                config.activity_dsn, config.max_sql_length, config.redact_sql
+            )
         self.integrations: list[Integration] = []
 
     def attach_telemetry(self) -> None:

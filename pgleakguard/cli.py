@@ -94,6 +94,14 @@ def _add_thresholds(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_redact(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--redact-sql",
+        action="store_true",
+        help="show queries with their literals replaced by ? (no data in the output)",
+    )
+
+
 def _add_pgbouncer(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pgbouncer-out", metavar="FILE", help="write the pgbouncer.ini here")
     parser.add_argument(
@@ -123,6 +131,7 @@ def _server_parsers(sub: Any) -> None:
     source.add_argument("--snapshot", metavar="FILE", help="an exported pg_stat_activity")
     diagnose.add_argument("--format", choices=_FORMATS, default="text")
     _add_thresholds(diagnose)
+    _add_redact(diagnose)
     diagnose.add_argument(
         "--all-backends",
         action="store_true",
@@ -201,6 +210,7 @@ def _server_parsers(sub: Any) -> None:
     terminate.add_argument("--execute", action="store_true", help="really end them")
     terminate.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     terminate.add_argument("--format", choices=("text", "json"), default="text")
+    _add_redact(terminate)
 
     watch = sub.add_parser(
         "watch",
@@ -215,6 +225,7 @@ def _server_parsers(sub: Any) -> None:
     )
     watch.add_argument("--once", action="store_true", help="print one frame and exit")
     _add_thresholds(watch)
+    _add_redact(watch)
 
 
 # The states --state accepts (kept here so building the parser imports nothing else).

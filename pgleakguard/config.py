@@ -20,10 +20,12 @@ _BOOLEANS = (
     "retag_on_checkout",
     "otel",
     "otel_checkout_spans",
+    "redact_sql",
 )
 _WHOLE_NUMBERS = {
     "stack_depth": (1, 1000, "a whole number of frames from 1 to 1000"),
     "max_open_checkouts": (1, 10_000_000, "a whole number from 1 to 10000000"),
+    "max_sql_length": (10, 1_000_000, "a whole number of characters from 10 to 1000000"),
 }
 _OBJECTS = ("on_leak", "meter_provider", "tracer_provider")  # keyword only, never from env
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -71,6 +73,10 @@ class Config:
     #: OpenTelemetry providers to use instead of the global ones (keyword only).
     meter_provider: Any = None
     tracer_provider: Any = None
+    #: SQL text in reports (a leak's pg_stat_activity row, correlate()) is cut to this length.
+    max_sql_length: int = 1000
+    #: Replace the literals of SQL text in reports with ``?`` (values stay out of logs).
+    redact_sql: bool = False
     #: When set, the watchdog thread adds each leak's pg_stat_activity row to its report,
     #: read over its own short-lived connection to this DSN (``pg_monitor`` is enough).
     #: Left out of repr(): a DSN may hold a password.
@@ -120,7 +126,7 @@ def _convert(name: str, value: Any, from_env: str | None) -> Any:
         low, high, accepted = _WHOLE_NUMBERS[name]
         try:
             number = int(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
             number = low - 1
         if isinstance(value, (bool, float)) or not low <= number <= high:
             raise _bad(name, value, accepted, from_env)

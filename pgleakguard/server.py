@@ -359,8 +359,11 @@ class Correlation:
         return out
 
 
-def activity_rows(conn: psycopg.Connection[Any], pids: Sequence[int]) -> dict[int, dict[str, Any]]:
-    """pg_stat_activity rows for ``pids``: :data:`ROW_FIELDS`, timestamps as ISO text."""
+def activity_rows(
+    conn: psycopg.Connection[Any], pids: Sequence[int], sql_limit: int = 1000, redact: bool = False
+) -> dict[int, dict[str, Any]]:
+    """pg_stat_activity rows for ``pids``: :data:`ROW_FIELDS`, timestamps as ISO text, the
+    query cut to ``sql_limit`` characters (its literals replaced with ``redact``)."""
     if not pids:
         return {}
     from psycopg.rows import dict_row
@@ -371,17 +374,29 @@ def activity_rows(conn: psycopg.Connection[Any], pids: Sequence[int]) -> dict[in
             [list(pids)],
         )
         rows = cur.fetchall()
-    return {int(row["pid"]): _json_row(row) for row in rows}
+    return {int(row["pid"]): _json_row(row, sql_limit, redact) for row in rows}
 
 
-def _json_row(row: Mapping[str, Any]) -> dict[str, Any]:
+def _json_row(row: Mapping[str, Any], sql_limit: int, redact: bool) -> dict[str, Any]:
     from .diagnose.units import iso, to_epoch
+    from .sqltext import for_report
 
     out: dict[str, Any] = {}
     for name in ROW_FIELDS:
         value = row.get(name)
         out[name] = iso(to_epoch(value)) if name.endswith(("_start", "_change")) else value
+    out["query"] = for_report(out["query"], sql_limit, redact)
     return out
+
+
+def sql_policy() -> tuple[int, bool]:
+    """(max_sql_length, redact_sql) of the current installation, or the defaults."""
+    from . import _runtime
+    from .config import Config
+
+    state = _runtime.current()
+    config = state.config if state is not None else Config()
+    return config.max_sql_length, config.redact_sql
 
 
 def correlate(connection_or_dsn: Any) -> list[Correlation]:
@@ -397,24 +412,27 @@ def correlate(connection_or_dsn: Any) -> list[Correlation]:
     checkouts = open_checkouts()
     pids = sorted({c.backend_pid for c in checkouts if c.backend_pid is not None})
     pg = _psycopg()
+    policy = sql_policy()
     if isinstance(connection_or_dsn, str):
         conn = connect(connection_or_dsn, purpose="correlate")
         try:
-            rows = activity_rows(conn, pids)
+            rows = activity_rows(conn, pids, *policy)
         finally:
             conn.close()
     else:
-        rows = _rows_on_user_connection(pg, connection_or_dsn, pids)
+        rows = _rows_on_user_connection(pg, connection_or_dsn, pids, policy)
     return [Correlation(c, rows.get(c.backend_pid) if c.backend_pid else None) for c in checkouts]
 
 
-def _rows_on_user_connection(pg: Any, conn: Any, pids: Sequence[int]) -> dict[int, dict[str, Any]]:
+def _rows_on_user_connection(
+    pg: Any, conn: Any, pids: Sequence[int], policy: tuple[int, bool]
+) -> dict[int, dict[str, Any]]:
     status = conn.info.transaction_status
     if status == pg.pq.TransactionStatus.INERROR:
         raise ServerError("the connection is in a failed transaction: roll it back first")
     opened = status == pg.pq.TransactionStatus.IDLE and not conn.autocommit
     try:
-        return activity_rows(conn, pids)
+        return activity_rows(conn, pids, *policy)
     except pg.Error as exc:
         raise ServerError(" ".join(str(exc).split())) from None
     finally:
@@ -432,8 +450,9 @@ class ActivityLookup:
 
     retry_after = 60.0
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, sql_limit: int = 1000, redact: bool = False) -> None:
         self.dsn = dsn
+        self.sql = (sql_limit, redact)
         self._quiet_until = 0.0
 
     def __call__(self, events: Sequence[Event]) -> None:
@@ -443,7 +462,8 @@ class ActivityLookup:
         try:
             conn = connect(self.dsn, purpose="activity", timeout=2, statement_timeout=2)
             try:
-                rows = activity_rows(conn, sorted({e.backend_pid for e in leaks if e.backend_pid}))
+                pids = sorted({e.backend_pid for e in leaks if e.backend_pid})
+                rows = activity_rows(conn, pids, *self.sql)
             finally:
                 conn.close()
         except BaseException:

@@ -287,6 +287,8 @@ class ServerCheck:
 
 
 def _server_leak(kind: str, row: dict[str, Any]) -> ServerLeak:
+    from .server import sql_policy
+    from .sqltext import for_report
     from .tagging import parse, parse_sql_comment
 
     tag = parse(row["application_name"])
@@ -298,6 +300,6 @@ def _server_leak(kind: str, row: dict[str, Any]) -> ServerLeak:
         application_name=row["application_name"],
         xact_start=row["xact_start"],
         state_change=row["state_change"],
-        query=row["query"],
+        query=for_report(row["query"], *sql_policy()),
         callsite=callsite,
     )

@@ -113,6 +113,16 @@ def pytester(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pyte
     return pytester
 
 
+@pytest.fixture
+def otel() -> Iterator[Any]:
+    """The real OpenTelemetry SDK with in-memory metric reader and span exporter."""
+    from otel_sdk import Otel
+
+    sdk = Otel()
+    yield sdk
+    sdk.shutdown()
+
+
 @pytest.fixture(autouse=True)
 def _no_swallowed_internal_errors(request: pytest.FixtureRequest) -> Iterator[None]:
     # The safety net hides internal errors from users; it must not hide them from us.

@@ -7,18 +7,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
 import psycopg
 import psycopg_pool
 import pytest
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 from sqlalchemy import create_engine, text
 
@@ -26,42 +20,10 @@ import pgleakguard
 from pgleakguard import _runtime
 
 from conftest import EventLog, marked_line
+from otel_sdk import Otel
 
 HERE = __file__
 POOL = "db.client.connection.pool.name"
-
-
-class Otel:
-    """A real SDK: metrics through an in-memory reader, spans through an in-memory exporter."""
-
-    def __init__(self) -> None:
-        self.reader = InMemoryMetricReader()
-        self.meter_provider = MeterProvider(metric_readers=[self.reader])
-        self.exporter = InMemorySpanExporter()
-        self.tracer_provider = TracerProvider()
-        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.exporter))
-
-    def metrics(self) -> dict[str, Any]:
-        """name -> metric (with .unit and .data.data_points) from one collection."""
-        data = self.reader.get_metrics_data()
-        out: dict[str, Any] = {}
-        assert data is not None
-        for resource in data.resource_metrics:
-            for scope in resource.scope_metrics:
-                for metric in scope.metrics:
-                    out[metric.name] = metric
-        return out
-
-    def options(self) -> dict[str, Any]:
-        return {"meter_provider": self.meter_provider, "tracer_provider": self.tracer_provider}
-
-
-@pytest.fixture
-def otel() -> Iterator[Otel]:
-    sdk = Otel()
-    yield sdk
-    sdk.meter_provider.shutdown()
-    sdk.tracer_provider.shutdown()
 
 
 def points(metric: Any, **attrs: str) -> list[Any]:

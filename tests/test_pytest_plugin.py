@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import textwrap
 import warnings
@@ -21,6 +22,8 @@ import psycopg  # noqa: F401
 import psycopg_pool  # noqa: F401
 import pytest
 import sqlalchemy  # noqa: F401
+
+import pgleakguard.testing  # the module the plugin runs on; patched by the fault tests
 
 from conftest import marked_line
 
@@ -858,3 +861,55 @@ def test_without_a_database_library_nothing_is_installed_or_imported(inner: Inne
     inner.pytester.makeconftest("")
     inner.run(subprocess=True).assert_outcomes(passed=1)
     assert inner.leaks() == []
+
+
+# -- an internal error never breaks the test run ---------------------------------------------
+
+
+@pytest.mark.allow_internal_errors
+@pytest.mark.parametrize("target", ["classify", "taken"])
+def test_a_fault_inside_the_plugin_never_changes_the_outcome_of_tests(
+    inner: Inner, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, target: str
+) -> None:
+    from pgleakguard import _safety
+
+    testing = pgleakguard.testing
+
+    def boom(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("injected fault")
+
+    owner = testing if target == "classify" else testing.Window
+    monkeypatch.setattr(owner, target, boom)
+    inner.write(
+        "test_mixed",
+        """
+        import psycopg
+        import pytest
+
+        from conftest import KEPT
+
+
+        def test_clean(dsn):
+            with psycopg.connect(dsn) as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+        def test_leaky(dsn):
+            KEPT.append(psycopg.connect(dsn))
+
+
+        def test_failing(dsn):
+            with psycopg.connect(dsn) as conn:
+                assert conn.execute("SELECT 1").fetchone() == (2,)
+        """,
+    )
+    _safety.forget_logged()
+    before = _safety.internal_error_count()
+    with caplog.at_level(logging.ERROR, logger="pgleakguard"):
+        result = inner.run()
+    result.assert_outcomes(passed=2, failed=1)  # the tests' own outcomes, nothing else
+    # Counted each time it is hit (classify: only for the test that took a connection and
+    # kept it; taken: after every test), logged once.
+    assert _safety.internal_error_count() - before == (1 if target == "classify" else 3)
+    logged = [r for r in caplog.records if "pgleakguard internal error" in r.getMessage()]
+    assert len(logged) == 1

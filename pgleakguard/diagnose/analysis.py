@@ -35,7 +35,7 @@ _LOCAL = "(local socket)"
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """Thresholds of a diagnosis, in seconds."""
+    """Thresholds of a diagnosis, in seconds, and how queries are shown."""
 
     #: An idle session is a suspect once idle this long (measured from state_change).
     idle_threshold: float = 600.0
@@ -43,6 +43,8 @@ class Options:
     idle_in_transaction_threshold: float = 10.0
     #: An active query running this long is reported as long-running.
     long_query_threshold: float = 300.0
+    #: Show queries with their literals replaced by ``?`` (the tags are read before).
+    redact_sql: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +132,7 @@ def diagnose(
 ) -> Diagnosis:
     """Breakdowns, suspects and ranked findings for one set of client sessions."""
     diag = Diagnosis(
-        sessions=list(sessions),
+        sessions=[s.redacted() for s in sessions] if options.redact_sql else list(sessions),
         settings=settings,
         options=options,
         now=now,

@@ -103,6 +103,7 @@ def analysis_options(options: argparse.Namespace) -> analysis.Options:
         idle_threshold=options.idle_threshold,
         idle_in_transaction_threshold=options.idle_in_transaction_threshold,
         long_query_threshold=options.long_query_threshold,
+        redact_sql=options.redact_sql,
     )
 
 

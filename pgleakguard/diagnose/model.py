@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
@@ -121,6 +122,15 @@ class Session:
         self.hidden = self.query == INSUFFICIENT_PRIVILEGE
         self._read_tags()
         return self
+
+    def redacted(self) -> Session:
+        """A copy whose query has its literals replaced by ``?`` (tags already read)."""
+        from ..sqltext import redact
+
+        other = copy.copy(self)
+        if self.query is not None and not self.hidden:
+            other.query = redact(self.query)
+        return other
 
     def _read_tags(self) -> None:
         tag = tagging.parse(self.application_name)

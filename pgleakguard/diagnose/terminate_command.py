@@ -40,6 +40,11 @@ def terminate_command(options: argparse.Namespace) -> int:
     conn = server.connect(dsn, purpose="terminate")
     try:
         matched = _fetch(conn, select_sql(filters), dsn)
+        if options.redact_sql:
+            from ..sqltext import redact
+
+            for row in matched:
+                row["query"] = redact(row["query"]) if row["query"] else row["query"]
         _warn_hidden(conn, dsn)
         if not options.execute:
             _show_plan(filters, matched, options.format, dry_run=True)

@@ -135,22 +135,27 @@ class DjangoIntegration(Integration):
 
         def ensure_connection(self: Any) -> None:
             orig_ensure(self)
-            rec = self.__dict__.get(attr)
-            if rec is None or rec.parked or rec.closed:
-                integration.touched(self, rec)
+            with guard():
+                rec = self.__dict__.get(attr)
+                if rec is None or rec.parked or rec.closed:
+                    integration.touched(self, rec)
 
         def close(self: Any) -> None:
-            rec = self.__dict__.get(attr)
+            rec = conn = None
+            live = False
+            with guard():
+                rec = self.__dict__.get(attr)
+                conn = self.connection
+                live = conn is not None and not self.closed_in_transaction
             if rec is None:
                 return orig_close(self)  # type: ignore[no-any-return]
-            conn = self.connection
-            live = conn is not None and not self.closed_in_transaction
             try:
                 orig_close(self)
             finally:
-                # Closed, returned to the pool, or closed inside an atomic block.
-                if live and (self.connection is None or self.closed_in_transaction):
-                    integration.closed(self, conn, rec)
+                with guard():
+                    # Closed, returned to the pool, or closed inside an atomic block.
+                    if live and (self.connection is None or self.closed_in_transaction):
+                        integration.closed(self, conn, rec)
 
         self.patcher.patch(cls, "ensure_connection", wraps(orig_ensure)(ensure_connection))
         self.patcher.patch(cls, "close", wraps(orig_close)(close))
@@ -192,12 +197,16 @@ class DjangoIntegration(Integration):
 
         original: Any = ASGIHandler.__call__
 
+        def open_scope(scope: Any) -> Any:
+            return _request.set(RequestScope(_describe({"scope": scope})))
+
         async def call(self: Any, scope: Any, receive: Any, send: Any) -> Any:
-            token = _request.set(RequestScope(_describe({"scope": scope})))
+            token = safe_call(open_scope, scope, default=None)
             try:
                 return await original(self, scope, receive, send)
             finally:
-                _request.reset(token)
+                if token is not None:
+                    _request.reset(token)
 
         self.patcher.patch(ASGIHandler, "__call__", wraps(original)(call))
 

@@ -284,12 +284,10 @@ class LeakGuard:
     def _classify(
         self, item: pytest.Item, tracker: Tracker, scopes: list[tuple[str, str | None, Any]]
     ) -> list[dict[str, Any]]:
-        import gc
+        from .testing import classify, collect_garbage
 
-        from .testing import classify
-
-        if self.collect and any(not r.closed and not r.parked for *_, recs in scopes for r in recs):
-            gc.collect()
+        if self.collect:
+            collect_garbage(r for *_, recs in scopes for r in recs)
         records = []
         for owner, fixture, recs in scopes:
             for event in classify(tracker, recs, owner, collect=False):

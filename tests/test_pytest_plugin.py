@@ -16,13 +16,20 @@ from pathlib import Path
 from typing import Any
 
 # Imported here, not only in the inner runs: pytester takes out of sys.modules what an
-# in-process run imported, and psycopg's C extension keeps raising the exception classes
-# of its first import.
+# in-process run imported, and a second import misbehaves (psycopg's C extension keeps
+# raising the exception classes of its first import; SQLAlchemy's dialects register their
+# SQL functions twice and warn).
 import psycopg  # noqa: F401
+import psycopg2  # noqa: F401
 import psycopg_pool  # noqa: F401
 import pytest
-import sqlalchemy  # noqa: F401
+import sqlalchemy.dialects.postgresql.psycopg  # noqa: F401
+import sqlalchemy.ext.asyncio  # noqa: F401
+import sqlalchemy.orm  # noqa: F401
 
+import pgleakguard.integrations.psycopg_pool  # noqa: F401
+import pgleakguard.integrations.sqlalchemy  # noqa: F401
+import pgleakguard.pytest_plugin  # noqa: F401
 import pgleakguard.testing  # the module the plugin runs on; patched by the fault tests
 
 from conftest import marked_line

@@ -177,6 +177,43 @@ async def test_async_connection_dropped_without_close_is_garbage_collected(
     assert event.callsite.line == marked_line(HERE, "sa-async-gc")
 
 
+NEVER_CLOSED = """
+import sys
+import sqlalchemy as sa
+import pgleakguard
+
+pgleakguard.install(service="exit-test", leak_threshold=60)
+url = sys.argv[1].replace("postgresql://", "postgresql+" + sys.argv[2] + "://", 1)
+engine = sa.create_engine(url)
+kept = [engine.connect()]  # leak: exit-sa
+kept[0].execute(sa.text("SELECT 1"))
+print("main done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_connection_still_held_at_exit_is_never_closed_once(
+    driver: str, pg_dsn: str, tmp_path: Any
+) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "exit_leak.py"
+    script.write_text(NEVER_CLOSED)
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore::ResourceWarning", str(script), pg_dsn, driver],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "main done" in proc.stdout
+    assert "Traceback" not in proc.stderr
+    where = f"{script}:{marked_line(str(script), 'exit-sa')} in <module>"
+    assert proc.stderr.count("pgleakguard: connection leak") == 1, proc.stderr
+    assert f"[never_closed, definite] checked out at {where}" in proc.stderr
+
+
 def test_queuepool_timeout_keeps_type_code_and_text_and_names_holders(
     make_engine: Callable[..., Engine], events: EventLog
 ) -> None:

@@ -292,45 +292,47 @@ def test_the_same_tests_written_correctly_pass(inner: Inner) -> None:
 
 # -- what belongs to whom ---------------------------------------------------------------------
 
-SESSION_FIXTURE = """
+WIDE_FIXTURE = """
 import psycopg
 import pytest
 
 from conftest import DSN
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="{scope}")
 def shared():
     conn = psycopg.connect(DSN, autocommit=True)  # leak: shared
     yield conn
     # never closed: the fixture's own leak
 
 
-@pytest.mark.parametrize("n", range(20))
-def test_uses_shared(shared, n):
-    assert shared.execute("SELECT %s::int", [n]).fetchone() == (n,)
+class TestShared:
+    @pytest.mark.parametrize("n", range(20))
+    def test_uses_shared(self, shared, n):
+        assert shared.execute("SELECT %s::int", [n]).fetchone() == (n,)
 """
 
 
-def test_session_fixture_connection_is_the_fixtures_reported_once_at_its_finalization(
-    inner: Inner,
+@pytest.mark.parametrize("scope", ["class", "module", "package", "session"])
+def test_wider_fixture_connection_is_the_fixtures_reported_once_at_its_finalization(
+    inner: Inner, scope: str
 ) -> None:
-    path = inner.write("test_shared", SESSION_FIXTURE)
+    path = inner.write("test_shared", WIDE_FIXTURE.replace("{scope}", scope))
     result = inner.run()
     # 20 tests pass; the fixture's leak errors once, in the teardown that finalizes it.
     result.assert_outcomes(passed=20, errors=1)
     [leak] = inner.leaks()
-    assert leak["test"] == "test_shared.py::test_uses_shared[19]"
-    assert leak["owner"] == "fixture 'shared' (session scope)"
+    assert leak["test"] == "test_shared.py::TestShared::test_uses_shared[19]"
+    assert leak["owner"] == f"fixture 'shared' ({scope} scope)"
     assert leak["fixture"] == "shared"
     assert leak["kind"] == "scope_ended"
     assert leak["callsite"] == site(path, "shared", "shared")
     result.stdout.fnmatch_lines(
         [
-            "*scope=fixture 'shared' (session scope)",
+            f"*scope=fixture 'shared' ({scope} scope)",
             "1 test(s) leaked 1 PostgreSQL connection(s):",
-            "  test_shared.py::test_uses_shared[19] [fixture 'shared' (session scope)]: "
-            f"scope_ended at test_shared.py:{marked_line(str(path), 'shared')} in shared",
+            f"  test_shared.py::TestShared::test_uses_shared[19] [fixture 'shared' ({scope} "
+            f"scope)]: scope_ended at test_shared.py:{marked_line(str(path), 'shared')} in shared",
         ]
     )
 

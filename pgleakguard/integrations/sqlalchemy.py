@@ -492,7 +492,8 @@ def _checkout_of(conn: Any) -> Checkout | None:
     fairy = getattr(conn, "_dbapi_connection", None)
     if fairy is None or not fairy.is_valid:
         return None
-    return fairy.record_info.get(_REC)  # type: ignore[no-any-return]
+    record_info = fairy.record_info  # None once detached from its pool
+    return record_info.get(_REC) if record_info is not None else None
 
 
 def _pool_of(rec: Checkout) -> Any:

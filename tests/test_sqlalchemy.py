@@ -679,6 +679,19 @@ def test_instrument_engine_tracks_one_engine_only(
     assert _engine_listeners(mine) == [0] * 7
 
 
+def test_instrument_engine_takes_an_engine_seen_before(
+    make_engine: Callable[..., Engine], install: Callable[..., EventLog]
+) -> None:
+    install(integrations=["psycopg"])
+    first, later = make_engine("psycopg2"), make_engine("psycopg2")
+    pgleakguard.instrument_engine(first)
+    with later.connect():  # not instrumented yet: left alone
+        assert sa_checkouts() == []
+    pgleakguard.instrument_engine(later)
+    with later.connect():
+        assert [c.pool for c in sa_checkouts()] == ["postgresql+psycopg2:///postgres#2"]
+
+
 async def test_instrument_engine_takes_an_async_engine(
     make_async_engine: Callable[..., AsyncEngine], install: Callable[..., EventLog]
 ) -> None:

@@ -48,7 +48,8 @@ _CREATED = "pgleakguard.create_time"  # when the DBAPI connect began, then how l
 
 # On a Pool: (installation token, pool name or None when not tracked). On an Engine:
 # (installation token, pool name) once this installation hooked it. A token per
-# installation: after uninstall() and install() every engine is looked at afresh.
+# installation: after uninstall() and install() every engine is looked at afresh (the marks
+# uninstall() leaves behind name a token nobody holds).
 _MARK = "_pgleakguard"
 
 # Drivers whose transaction state the psycopg integration follows itself (its wait() hook).
@@ -83,13 +84,13 @@ class SQLAlchemyIntegration(Integration):
         #: Threads/tasks inside Pool.connect per pool (pending requests), with metrics on.
         self.waiting: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self.global_hooks = False
-        self._patched = False
+        self._pools_hooked = False
 
     # -- enabling -------------------------------------------------------------------------
 
     def setup(self) -> None:
         self.global_hooks = True
-        self._patch()
+        self._hook_pools()
         self._hook_engine(Engine)
 
     def setup_engine(self, engine: Any) -> None:
@@ -105,9 +106,10 @@ class SQLAlchemyIntegration(Integration):
                 engine.dialect.name,
             )
             return
-        self._patch()
+        self._hook_pools()
         self._engines.add(engine)
         self._hook_engine(engine)
+        engine.pool.__dict__.pop(_MARK, None)  # maybe seen (and left alone) before now
         self.first_sight(engine)
 
     def teardown(self) -> None:
@@ -123,10 +125,12 @@ class SQLAlchemyIntegration(Integration):
         event.listen(target, name, fn, **kw)
         self._listeners.append((weakref.ref(target), name, fn))
 
-    def _patch(self) -> None:
-        if self._patched:
+    def _hook_pools(self) -> None:
+        # Once per installation, for either mode: the pool listeners (on the class) and
+        # the two patches.
+        if self._pools_hooked:
             return
-        self._patched = True
+        self._pools_hooked = True
         for name, fn in (
             ("connect", self._on_connect),
             ("checkout", self._on_checkout),

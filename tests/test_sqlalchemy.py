@@ -25,6 +25,8 @@ from pgleakguard import _safety, tagging
 
 from conftest import EventLog, marked_line, run_in_threads
 
+pytest_plugins = ["pytester"]
+
 HERE = __file__
 # SQLAlchemy 1.4's asyncpg adapter, cleaning up a garbage-collected connection, makes a
 # coroutine it cannot await; the log record of that cleanup keeps it until a later test.
@@ -784,6 +786,26 @@ def test_a_sqlite_engine_is_left_alone(
     held.close()
     engine.dispose()
     assert _engine_listeners(engine)[:4] == [0, 0, 0, 0]  # no listener of its own
+
+
+def test_a_sqlite_test_suite_passes_under_the_pytest_plugin(pytester: pytest.Pytester) -> None:
+    # The plugin installs pgleakguard as soon as a test session imports SQLAlchemy.
+    pytester.makeini("[pytest]\nfilterwarnings = default\n")
+    pytester.makepyfile(
+        test_sqlite="""
+        import sqlalchemy as sa
+
+        KEPT = []
+
+        def test_sqlite(tmp_path):
+            engine = sa.create_engine(f"sqlite:///{tmp_path / 'app.db'}")
+            with engine.connect() as conn:
+                assert conn.execute(sa.text("SELECT 1")).scalar_one() == 1
+            KEPT.append(engine.connect())  # held past the test: not a PostgreSQL connection
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
+    result.assert_outcomes(passed=1)
 
 
 @pytest.mark.filterwarnings("ignore::ResourceWarning")

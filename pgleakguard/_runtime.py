@@ -82,7 +82,8 @@ def install(**options: Any) -> Config:
 
     Options (all optional; each can also come from ``PGLEAKGUARD_<OPTION>``): service,
     leak_threshold, idle_in_transaction_threshold, capture_stack, stack_depth, on_leak,
-    integrations, log_level, ignore_modules, tag_application_name, jsonl_path, activity_dsn.
+    integrations, log_level, ignore_modules, tag_application_name, jsonl_path, sql_comments,
+    retag_on_checkout, activity_dsn.
     Calling it again with the same options does nothing; with other options it re-installs.
     """
     global _state

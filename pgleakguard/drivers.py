@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .tracker import TX_IDLE, TX_INTRANS
+
 
 def driver_connection(dbapi_connection: Any) -> Any:
     """The driver's own connection (asyncpg / psycopg AsyncConnection under an adapter)."""
@@ -34,3 +36,18 @@ def application_name_of(dbapi_connection: Any) -> str | None:
     if hasattr(driver, "get_settings"):  # asyncpg
         return getattr(driver.get_settings(), "application_name", None)
     return None
+
+
+def transaction_status(dbapi_connection: Any) -> int | None:
+    """libpq's transaction status (``TX_*``) as the driver last saw it; ``None`` if unknown.
+
+    asyncpg tells no failed transaction apart: it reads as ``TX_INTRANS``.
+    """
+    driver = driver_connection(dbapi_connection)
+    info = getattr(driver, "info", None)
+    status = getattr(info, "transaction_status", None)  # psycopg 3, psycopg2 >= 2.8
+    if status is None and hasattr(driver, "get_transaction_status"):  # older psycopg2
+        status = driver.get_transaction_status()
+    if status is None and hasattr(driver, "is_in_transaction"):  # asyncpg
+        return TX_INTRANS if driver.is_in_transaction() else TX_IDLE
+    return int(status) if status is not None else None

@@ -106,9 +106,10 @@ def parse(application_name: str | None) -> Tag | None:
 
 # -- SQL comments (sqlcommenter format) ---------------------------------------------------
 
-#: Characters a SQL-comment value keeps; anything else becomes ``-``. Every one of them is
-#: left alone by URL-encoding, so the comment is valid sqlcommenter and never holds a ``%``
-#: (psycopg would read a ``%`` as a placeholder).
+#: Characters a SQL-comment value keeps; anything else becomes ``-``. Values are sent as they
+#: are, not URL-encoded (strict encoding would turn ``:`` and ``@`` into ``%3A`` and ``%40``):
+#: each of these characters URL-decodes to itself, so a sqlcommenter parser reads the value
+#: back unchanged, and the comment never holds a ``%`` (psycopg would read it as a placeholder).
 _COMMENT_VALUE_BAD = re.compile(r"[^A-Za-z0-9._:/@-]")
 _COMMENT_KEY_BAD = re.compile(r"[^A-Za-z0-9_]")
 _PAIR = re.compile(r"\s*(?P<key>[^=,\s]+)\s*=\s*'(?P<value>(?:[^'\\]|\\.)*)'\s*(?:,|$)")
@@ -118,9 +119,9 @@ def sql_comment(**tags: object) -> str:
     """A sqlcommenter comment ``/*key='value',...*/`` for ``tags``, to append to a query.
 
     Keys are sorted; ``None`` values are left out. Values are reduced to
-    ``[A-Za-z0-9._:/@-]`` (anything else becomes ``-``), which URL-encoding leaves as is: the
-    comment is sqlcommenter-compatible and never contains ``%``. Use ``callsite``
-    (``orders.py:42``), ``service`` and ``pid``.
+    ``[A-Za-z0-9._:/@-]`` (anything else becomes ``-``) and not URL-encoded: each of those
+    characters URL-decodes to itself, so the comment is sqlcommenter-compatible and never
+    contains ``%``. Use ``callsite`` (``orders.py:42``), ``service`` and ``pid``.
     """
     pairs = []
     for key in sorted(tags):

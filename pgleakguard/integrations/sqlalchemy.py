@@ -1,33 +1,32 @@
-"""SQLAlchemy: every pool checkout is a checkout, for sync and async engines and any
-PostgreSQL driver; QueuePool timeouts name the holders.
+"""SQLAlchemy: every pool checkout of a PostgreSQL engine is a checkout, for sync and async
+engines and any PostgreSQL driver; QueuePool timeouts name the holders.
 
-Hooks are SQLAlchemy's public pool, dialect and connection events, registered on the
-classes (every engine, existing or future) or on one engine by ``instrument_engine``.
+Hooks are SQLAlchemy's public pool, dialect and connection events. Pool events are
+listened to on the Pool class: a pool recreated by ``engine.dispose()`` carries its
+listeners over, and listeners on one pool could not be removed once that pool is gone.
+Each listener returns at once for a pool this installation does not track. Which pools
+it tracks is decided at an engine's first connection (a wrapper around
+``Engine.raw_connection``, the way every Connection and AsyncConnection takes its DBAPI
+connection): PostgreSQL engines, all of them or those given to ``instrument_engine``.
+Engines of other databases get no tag, no checkout and no listener of their own.
 """
 
 from __future__ import annotations
 
 import os
+import select
+import threading
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import wraps
 from time import monotonic
 from typing import Any, Callable
 
 from .. import tagging
-from .._safety import guard, record_internal_error
+from .._safety import guard, logger, record_internal_error
 from ..callsite import CallSite, callsite_of
-from ..drivers import application_name_of, backend_pid
+from ..drivers import application_name_of, backend_pid, transaction_status
 from ..drivers import driver_connection as _driver
-from ..tracker import (
-    CHECKOUT_ATTR,
-    TX_IDLE,
-    TX_INERROR,
-    TX_INTRANS,
-    Checkout,
-    describe_holders,
-)
+from ..tracker import CHECKOUT_ATTR, TX_IDLE, TX_INERROR, TX_INTRANS, Checkout, describe_holders
 from . import DidNotEnable, Integration
 
 try:
@@ -44,19 +43,17 @@ if tuple(int(p) for p in sqlalchemy.__version__.split(".")[:2]) < (1, 4):
 INTEGRATION = "sqlalchemy"
 _REC = "pgleakguard.checkout"  # in ConnectionPoolEntry.record_info, for one checkout
 _PID = "pgleakguard.backend_pid"  # in ConnectionPoolEntry.info, per DBAPI connection
-_APP = "pgleakguard.application_name"
-_TAG = "pgleakguard.retag"  # last application_name sent by retag_on_checkout
-_CREATED = "pgleakguard.create_time"  # seconds the DBAPI connect took, until reported
-_WAITED = "pgleakguard.wait_time"  # an engine's first wait, until its pool has a name
-_UNNAMED_POOL = "sqlalchemy"
+_APP = "pgleakguard.application_name"  # its application_name now (retag changes it)
+_CREATED = "pgleakguard.create_time"  # when the DBAPI connect began, then how long it took
 
-# Set on each engine's Pool: its report name (the engine's logging_name, or
-# driver://host:port/db). A pool does not know its engine, so engine_connect names it.
-_NAME = "_pgleakguard_name"
+# On a Pool: (installation token, pool name or None when not tracked). On an Engine:
+# (installation token, pool name) once this installation hooked it. A token per
+# installation: after uninstall() and install() every engine is looked at afresh (the marks
+# uninstall() leaves behind name a token nobody holds).
+_MARK = "_pgleakguard"
 
-
-def _name_of(pool: Any) -> str | None:
-    return pool.__dict__.get(_NAME) if pool is not None else None
+# Drivers whose transaction state the psycopg integration follows itself (its wait() hook).
+_FOLLOWED_BY_PSYCOPG = ("psycopg", "psycopg_async")
 
 
 def pool_name(engine: Engine) -> str:
@@ -69,63 +66,150 @@ def pool_name(engine: Engine) -> str:
 
 
 class SQLAlchemyIntegration(Integration):
-    """Class-level listeners for every engine; :meth:`setup_engine` for one engine."""
+    """Every PostgreSQL engine (:meth:`setup`) or the engines given to :meth:`setup_engine`."""
 
     identifier = INTEGRATION
 
     def __init__(self, tracker: Any) -> None:
         super().__init__(tracker)
-        self._listeners: list[tuple[Any, str, Callable[..., Any]]] = []
-        self._engines: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._token = object()
+        self._lock = threading.Lock()
+        # (weak reference to the target, event, listener): a listener never keeps an
+        # engine (and its pooled server sessions) alive.
+        self._listeners: list[tuple[weakref.ref[Any], str, Callable[..., Any]]] = []
+        self._engines: weakref.WeakSet[Any] = weakref.WeakSet()  # given to instrument_engine
+        self._names: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
         self._detached: dict[int, Checkout] = {}
         self._comments: dict[tuple[CallSite, int], str] = {}
         #: Threads/tasks inside Pool.connect per pool (pending requests), with metrics on.
         self.waiting: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self.global_hooks = False
+        self._pools_hooked = False
 
     # -- enabling -------------------------------------------------------------------------
 
     def setup(self) -> None:
         self.global_hooks = True
-        self._hook(Engine, Pool)
-        self._hook_pool_timeout()
+        self._hook_pools()
+        self._hook_engine(Engine)
 
     def setup_engine(self, engine: Any) -> None:
-        """Instrument one engine (sync or async); idempotent."""
-        engine = getattr(engine, "sync_engine", engine)
+        """Instrument one engine (sync or async); idempotent. A non-PostgreSQL engine is
+        left alone, with one warning."""
+        engine = _root(getattr(engine, "sync_engine", engine))
         if self.global_hooks or engine in self._engines:
             return
-        if not self._engines:
-            self._hook_pool_timeout()
+        if engine.dialect.name != "postgresql":
+            logger.warning(
+                "pgleakguard: instrument_engine() ignored for a %r engine: only PostgreSQL "
+                "engines are tracked",
+                engine.dialect.name,
+            )
+            return
+        self._hook_pools()
         self._engines.add(engine)
-        self._hook(engine, engine.pool)
-        engine.pool.__dict__[_NAME] = pool_name(engine)
-        self._hook_transactions(engine)
+        self._hook_engine(engine)
+        engine.pool.__dict__.pop(_MARK, None)  # maybe seen (and left alone) before now
+        self.first_sight(engine)
 
     def teardown(self) -> None:
         while self._listeners:
-            target, name, fn = self._listeners.pop()
-            with guard():
-                event.remove(target, name, fn)
+            ref, name, fn = self._listeners.pop()
+            target = ref()
+            if target is not None:  # a collected engine took its listeners with it
+                with guard():
+                    event.remove(target, name, fn)
         super().teardown()
 
     def _listen(self, target: Any, name: str, fn: Callable[..., Any], **kw: Any) -> None:
         event.listen(target, name, fn, **kw)
-        self._listeners.append((target, name, fn))
+        self._listeners.append((weakref.ref(target), name, fn))
 
-    def _hook(self, engine: Any, pool: Any) -> None:
-        config = self.tracker.config
-        self._listen(pool, "connect", self._on_connect)
-        self._listen(pool, "checkout", self._on_checkout)
-        self._listen(pool, "checkin", self._on_checkin)
-        self._listen(pool, "detach", self._on_detach)
-        self._listen(pool, "close_detached", self._on_close_detached)
-        self._listen(engine, "engine_connect", self._on_engine_connect)
-        self._listen(engine, "do_connect", self._on_do_connect)
-        if config.sql_comments:
-            self._listen(engine, "before_cursor_execute", self._add_comment, retval=True)
+    def _hook_pools(self) -> None:
+        # Once per installation, for either mode: the pool listeners (on the class) and
+        # the two patches.
+        if self._pools_hooked:
+            return
+        self._pools_hooked = True
+        for name, fn in (
+            ("connect", self._on_connect),
+            ("checkout", self._on_checkout),
+            ("checkin", self._on_checkin),
+            ("detach", self._on_detach),
+            ("close_detached", self._on_close_detached),
+        ):
+            self._listen(Pool, name, fn)
+        self._patch_raw_connection()
+        self._patch_pool_connect()
 
-    def _hook_pool_timeout(self) -> None:
+    def _hook_engine(self, target: Any) -> None:
+        # The Engine class (every engine, existing or future) or one engine.
+        self._listen(target, "do_connect", self._on_do_connect)
+        if self.tracker.config.sql_comments:
+            self._listen(target, "before_cursor_execute", self._add_comment, retval=True)
+
+    def _patch_raw_connection(self) -> None:
+        # Every Connection (sync or async) takes its DBAPI connection through
+        # Engine.raw_connection: the one place that knows both the engine and its pool
+        # before the pool's first checkout, also after engine.dispose() made a new pool.
+        integration = self
+        token = self._token
+        original = Engine.raw_connection
+
+        @wraps(original)
+        def raw_connection(engine: Any, *args: Any, **kwargs: Any) -> Any:
+            mark = engine.pool.__dict__.get(_MARK)
+            if mark is None or mark[0] is not token:
+                integration.first_sight(engine)
+            return original(engine, *args, **kwargs)
+
+        self.patcher.patch(Engine, "raw_connection", raw_connection)
+
+    def first_sight(self, engine: Any) -> None:
+        """An engine's pool is seen for the first time: mark it tracked (with its name) or
+        not, and follow the engine's transactions where the driver needs it."""
+        with guard(), self._lock:
+            pool = engine.pool
+            mark = pool.__dict__.get(_MARK)
+            if mark is not None and mark[0] is self._token:
+                return  # another thread was first
+            name = None
+            try:
+                engine = _root(engine)
+                if engine.dialect.name == "postgresql" and (
+                    self.global_hooks or engine in self._engines
+                ):
+                    name = self._engine_name(engine)
+            finally:  # on an internal error: not tracked, and not looked at again
+                pool.__dict__[_MARK] = (self._token, name)
+            telemetry = self.tracker.telemetry
+            if name is not None and telemetry is not None and telemetry.metrics_on:
+                telemetry.register_pool(name, pool, self.pool_stats)
+
+    def _engine_name(self, engine: Any) -> str:
+        # The engine's pool name, unique among the live engines (OpenTelemetry's
+        # db.client.connection.pool.name must tell pools apart): a second engine to the
+        # same URL is "...#2". Its transaction listeners are added once per installation.
+        mark = engine.__dict__.get(_MARK)
+        if mark is not None and mark[0] is self._token:
+            return str(mark[1])
+        base = name = pool_name(engine)
+        number = 1
+        while (other := self._names.get(name)) is not None and other is not engine:
+            number += 1
+            name = f"{base}#{number}"
+        if engine.dialect.driver not in _FOLLOWED_BY_PSYCOPG:
+            self._hook_transactions(engine)
+        self._names[name] = engine
+        engine.__dict__[_MARK] = (self._token, name)
+        return name
+
+    def _name_of(self, pool: Any) -> str | None:
+        """The name of a pool this installation tracks; ``None`` for any other pool."""
+        mark = pool.__dict__.get(_MARK) if pool is not None else None
+        return mark[1] if mark is not None and mark[0] is self._token else None
+
+    def _patch_pool_connect(self) -> None:
         # There is no pool event for a checkout timeout: wrap Pool.connect (public), the
         # one entry every engine and AsyncEngine goes through, to extend the TimeoutError.
         integration = self
@@ -161,23 +245,28 @@ class SQLAlchemyIntegration(Integration):
         return monotonic()
 
     def acquired(self, pool: Any, fairy: Any, started: float, timed_out: bool) -> None:
-        """The wait is over: record its time, or the timeout."""
+        """The wait is over: record its time or the timeout, and a new connection's
+        create time."""
         with guard():
             self.waiting[pool] = max(0, self.waiting.get(pool, 1) - 1)
+            name = self._name_of(pool)
+            if name is None:
+                return
             telemetry = self.tracker.telemetry
-            waited = monotonic() - started
-            name = _name_of(pool)
             if fairy is None:
                 if timed_out:
-                    telemetry.waited(name, waited, timed_out=True)
-            elif name is None:  # an engine's first connect: engine_connect reports it
-                fairy.info[_WAITED] = waited
-            else:
-                telemetry.waited(name, waited, timed_out=False)
+                    telemetry.waited(name, monotonic() - started, timed_out=True)
+                return
+            telemetry.waited(name, monotonic() - started, timed_out=False)
+            created = fairy.info.pop(_CREATED, None)
+            if isinstance(created, tuple):  # this checkout opened the connection
+                telemetry.created(name, created[0])
 
     # -- pool events ----------------------------------------------------------------------
 
     def _on_do_connect(self, dialect: Any, conn_rec: Any, cargs: Any, cparams: Any) -> None:
+        if dialect.name != "postgresql":
+            return
         with guard():
             conn_rec.info[_CREATED] = monotonic()
             if not self.tracker.config.tag_application_name:
@@ -196,22 +285,32 @@ class SQLAlchemyIntegration(Integration):
 
     def _on_connect(self, dbapi_connection: Any, connection_record: Any) -> None:
         with guard():
-            started = connection_record.info.get(_CREATED)
-            if isinstance(started, float):  # reported by engine_connect, which knows the pool
-                connection_record.info[_CREATED] = (monotonic() - started,)
-            pid = connection_record.info[_PID] = backend_pid(dbapi_connection)
-            self.tracker.connected(pid, dbapi_connection)
-            connection_record.info[_APP] = application_name_of(dbapi_connection)
+            info = connection_record.info
+            started = info.get(_CREATED)
+            if not isinstance(started, float):
+                return  # not a connection do_connect saw: not PostgreSQL, or not ours
+            info[_CREATED] = (monotonic() - started,)  # reported at the end of Pool.connect
+            self._remember(dbapi_connection, info)
+
+    def _remember(self, dbapi_connection: Any, info: dict[str, Any]) -> None:
+        pid = info[_PID] = backend_pid(dbapi_connection)
+        info[_APP] = application_name_of(dbapi_connection)
+        self.tracker.connected(pid, dbapi_connection)
 
     def _on_checkout(self, dbapi_connection: Any, connection_record: Any, proxy: Any) -> None:
         try:
+            # _ConnectionFairy._pool: no public way from a checkout to its pool
+            name = self._name_of(getattr(proxy, "_pool", None))
+            if name is None:
+                return
             info = connection_record.info
+            if _PID not in info:  # opened before install() or instrument_engine()
+                self._remember(dbapi_connection, info)
             rec = self.tracker.begin(
                 proxy,
                 INTEGRATION,
-                # _ConnectionFairy._pool: no public way from a checkout to its pool
-                _name_of(getattr(proxy, "_pool", None)) or _UNNAMED_POOL,
-                backend_pid=info.get(_PID),
+                name,
+                backend_pid=info[_PID],
                 application_name=info.get(_APP),
                 connection_id=id(connection_record),
                 skip=1,
@@ -226,18 +325,27 @@ class SQLAlchemyIntegration(Integration):
             record_internal_error(error)
             return
         if self.tracker.config.retag_on_checkout:
-            with guard():
-                self._retag(dbapi_connection, connection_record, rec)
+            try:
+                self._retag(dbapi_connection, info, rec)
+            except exc.DisconnectionError:
+                # The connection died under our SET: SQLAlchemy replaces it and checks
+                # out again (as pool_pre_ping would); this checkout is not the user's.
+                connection_record.record_info.pop(_REC, None)
+                self.tracker.end(rec)
+                raise
+            except Exception as error:
+                record_internal_error(error)
 
     def _on_checkin(self, dbapi_connection: Any, connection_record: Any) -> None:
         try:
             rec = connection_record.record_info.pop(_REC, None) if connection_record else None
+            if rec is None:
+                return
             if dbapi_connection is not None:
                 driver = _driver(dbapi_connection)
                 if hasattr(driver, "__dict__"):
                     driver.__dict__.pop(CHECKOUT_ATTR, None)
-            if rec is not None:
-                self.tracker.end(rec)
+            self.tracker.end(rec)
         except Exception as error:
             record_internal_error(error)
 
@@ -255,30 +363,6 @@ class SQLAlchemyIntegration(Integration):
             if rec is not None:
                 self.tracker.end(rec)
 
-    # -- connection events ----------------------------------------------------------------
-
-    def _on_engine_connect(self, conn: Any, *_: Any) -> None:
-        with guard():
-            engine = conn.engine
-            pool = engine.pool
-            name = pool.__dict__.get(_NAME)
-            if name is None:  # this engine's first connection
-                name = pool.__dict__[_NAME] = pool_name(engine)
-                self._hook_transactions(engine)
-                rec = _checkout_of(conn)
-                if rec is not None and rec.pool == _UNNAMED_POOL:
-                    rec.pool = name
-            telemetry = self.tracker.telemetry
-            if telemetry is not None and telemetry.metrics_on:
-                telemetry.register_pool(name, pool, self.pool_stats)
-                info = conn.connection.info
-                created = info.pop(_CREATED, None)
-                if isinstance(created, tuple):
-                    telemetry.created(name, created[0])
-                waited = info.pop(_WAITED, None)
-                if waited is not None:
-                    telemetry.waited(name, waited, timed_out=False)
-
     def pool_stats(self, pool: Any) -> dict[str, int]:
         """The pool's own figures for the OpenTelemetry instruments (no I/O)."""
         stats = {"pending": self.waiting.get(pool, 0)}
@@ -291,30 +375,36 @@ class SQLAlchemyIntegration(Integration):
                 stats["max"] = pool.size() + pool._max_overflow
         return stats
 
+    # -- connection events ----------------------------------------------------------------
+
     def _hook_transactions(self, engine: Any) -> None:
-        # psycopg 3 reports its transaction state itself (the psycopg integration's wait()
-        # hook); other drivers (psycopg2, asyncpg) are followed through these events.
-        if engine.dialect.driver in ("psycopg", "psycopg_async"):
-            return
-        self._listen(engine, "begin", self._on_begin)
+        # psycopg2 and asyncpg: after each statement and at commit/rollback, read the
+        # driver's own transaction state (no I/O). SQLAlchemy's begin event is not used:
+        # it fires under AUTOCOMMIT too, and 1.4's legacy Connection opens transactions
+        # without it.
         self._listen(engine, "commit", self._on_end_transaction)
         self._listen(engine, "rollback", self._on_end_transaction)
         self._listen(engine, "after_cursor_execute", self._on_execute)
         self._listen(engine, "handle_error", self._on_error)
 
-    def _on_begin(self, conn: Any) -> None:
-        _set_state(conn, TX_INTRANS)
+    # Each listener is guarded on its own: an error of ours never reaches SQLAlchemy, which
+    # would raise it instead of the statement's result (or of the user's own exception).
 
     def _on_execute(self, conn: Any, *_: Any) -> None:
-        _set_state(conn, None)
+        with guard():
+            _follow(conn)
 
     def _on_end_transaction(self, conn: Any) -> None:
-        _set_state(conn, TX_IDLE)
+        # Fired before the COMMIT/ROLLBACK is sent: after it, no transaction is open (a
+        # failed COMMIT ends the transaction too).
+        with guard():
+            _follow(conn, TX_IDLE)
 
     def _on_error(self, context: Any) -> None:
-        conn = getattr(context, "connection", None)
-        if conn is not None and conn.in_transaction():
-            _set_state(conn, TX_INERROR)
+        with guard():
+            conn = context.connection
+            if conn is not None:
+                _follow(conn, failed=True)
 
     def _add_comment(
         self, conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
@@ -343,7 +433,7 @@ class SQLAlchemyIntegration(Integration):
 
     # -- retag and timeout ----------------------------------------------------------------
 
-    def _retag(self, dbapi_connection: Any, connection_record: Any, rec: Checkout) -> None:
+    def _retag(self, dbapi_connection: Any, info: dict[str, Any], rec: Checkout) -> None:
         site = callsite_of(rec.stack)
         service = tagging.parse(rec.application_name or "")
         tag = tagging.build(
@@ -352,93 +442,138 @@ class SQLAlchemyIntegration(Integration):
             site.file,
             site.line,
         )
-        info = connection_record.info
-        if info.get(_TAG) == tag:
+        if info.get(_APP) == tag:
             return  # only send when the tag changed
-        sql = f"SET application_name = '{tag}'"  # tag chars are [A-Za-z0-9._:/@-] only
         driver = _driver(dbapi_connection)
-        if hasattr(dbapi_connection, "run_async"):
-            if hasattr(driver, "set_autocommit"):  # psycopg AsyncConnection
-
-                async def send(c: Any) -> None:
-                    if c.info.transaction_status != TX_IDLE:
-                        return
-                    with_ac = c.autocommit
-                    await c.set_autocommit(True)
-                    try:
-                        await c.execute(sql)
-                    finally:
-                        await c.set_autocommit(with_ac)
-
-                dbapi_connection.run_async(send)
-            elif not driver.is_in_transaction():  # asyncpg: no implicit transactions
-                dbapi_connection.run_async(lambda c: c.execute(sql))
-            else:
+        if _has_unread_input(driver):
+            # The server spoke unasked, most often to say it is closing this connection:
+            # the user's own statement must be the one to find out, as without us.
+            return
+        sql = f"SET application_name = '{tag}'"  # tag chars are [A-Za-z0-9._:/@-] only
+        try:
+            if not _send_outside_transaction(dbapi_connection, driver, sql):
                 return
-        else:
-            status = _sync_tx_status(driver)
-            if status != TX_IDLE:
-                return  # never open a transaction, never run inside a failed one
-            with _autocommit(driver):
-                cursor = driver.cursor()
-                try:
-                    cursor.execute(sql)
-                finally:
-                    cursor.close()
-        info[_TAG] = tag
-        rec.application_name = tag
+        except Exception as error:
+            if _is_closed(driver):
+                raise exc.DisconnectionError(
+                    "pgleakguard: the connection was closed during retag_on_checkout"
+                ) from error
+            raise
+        info[_APP] = rec.application_name = tag
 
     def explain_timeout(self, error: BaseException, pool: Any) -> None:
         """Append the pool's holders to the TimeoutError's own text, in place (type, code
         3o7r and the original message are kept)."""
         try:
-            name = _name_of(pool)
-
-            def ours(rec: Checkout) -> bool:
-                return rec.integration == INTEGRATION and (name is None or rec.pool == name)
-
-            holders = [r for r in self.tracker.registry.snapshot() if ours(r) and not r.closed]
-            lost = [r for r in list(self.tracker.collected) if ours(r)]
+            name = self._name_of(pool)
+            if name is None:
+                return
+            holders = [
+                r
+                for r in self.tracker.registry.snapshot()
+                if r.integration == INTEGRATION and not r.closed and _pool_of(r) is pool
+            ]
             text = str(error.args[0]) if error.args else ""
             # SQLAlchemy appends its "(Background on this error ...)" link: own line for it.
-            summary = describe_holders(holders, name, lost)
+            # SQLAlchemy returns a garbage-collected connection to its pool: no slot is
+            # lost, so collected checkouts are not listed (they were reported as leaks).
+            summary = describe_holders(holders, name)
             error.args = (f"{text}\n{summary}\n", *error.args[1:])
         except Exception as err:
             record_internal_error(err)
 
 
+def _root(engine: Any) -> Any:
+    """The engine an ``execution_options()`` copy was made from (they share a pool)."""
+    while isinstance(getattr(engine, "_proxied", None), Engine):
+        engine = engine._proxied
+    return engine
+
+
 def _checkout_of(conn: Any) -> Checkout | None:
     """The open checkout behind a SQLAlchemy Connection, if we track it."""
-    fairy = conn.connection if not conn.invalidated else None
-    record_info = getattr(fairy, "record_info", None)
-    return record_info.get(_REC) if record_info else None
+    # Connection._dbapi_connection: the public Connection.connection would reconnect.
+    fairy = getattr(conn, "_dbapi_connection", None)
+    if fairy is None or not fairy.is_valid:
+        return None
+    record_info = fairy.record_info  # None once detached from its pool
+    return record_info.get(_REC) if record_info is not None else None
 
 
-def _set_state(conn: Any, status: int | None) -> None:
-    """Record activity on ``conn``, and its new transaction state unless ``None``."""
-    try:
-        rec = _checkout_of(conn)
-        if rec is not None:
-            rec.last_activity = monotonic()
-            if status is not None:
-                rec.tx_status = status
-    except Exception as error:
-        record_internal_error(error)
+def _pool_of(rec: Checkout) -> Any:
+    ref = rec.conn_ref
+    fairy = ref() if ref is not None else None
+    return getattr(fairy, "_pool", None)
 
 
-def _sync_tx_status(driver: Any) -> int | None:
-    info = getattr(driver, "info", None)
-    status = getattr(info, "transaction_status", None)  # psycopg 3 and psycopg2 >= 2.8
-    if status is None and hasattr(driver, "get_transaction_status"):
-        status = driver.get_transaction_status()
-    return int(status) if status is not None else None
+def _follow(conn: Any, status: int | None = None, failed: bool = False) -> None:
+    """Record activity on ``conn`` and its transaction state: ``status``, else the
+    driver's own (read without I/O)."""
+    rec = _checkout_of(conn)
+    if rec is None:
+        return
+    rec.last_activity = monotonic()
+    if status is None:
+        status = transaction_status(conn._dbapi_connection.dbapi_connection)
+        if failed and status == TX_INTRANS:  # asyncpg says only "in a transaction"
+            status = TX_INERROR
+    rec.tx_status = status
 
 
-@contextmanager
-def _autocommit(driver: Any) -> Iterator[None]:
-    before = driver.autocommit
-    driver.autocommit = True
-    try:
-        yield
-    finally:
-        driver.autocommit = before
+def _has_unread_input(driver: Any) -> bool:
+    """Whether the server sent something not read yet, or the connection is closed (no
+    I/O: a zero-timeout poll of its socket)."""
+    if _is_closed(driver):
+        return True
+    if callable(getattr(driver, "fileno", None)):  # psycopg2, psycopg 3
+        fd = driver.fileno()
+    else:  # asyncpg: the socket its event loop reads (asyncpg has no public accessor)
+        transport = getattr(driver, "_transport", None)
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None:
+            return False
+        fd = sock.fileno()
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(select.select([fd], [], [], 0)[0])  # pragma: no cover - Windows
+
+
+def _is_closed(driver: Any) -> bool:
+    if callable(getattr(driver, "is_closed", None)):  # asyncpg
+        return bool(driver.is_closed())
+    return bool(driver.closed)  # psycopg2 (an int), psycopg 3
+
+
+def _send_outside_transaction(dbapi_connection: Any, driver: Any, sql: str) -> bool:
+    """Run ``sql`` in autocommit if no transaction is open; False if one is (not sent)."""
+    if transaction_status(dbapi_connection) != TX_IDLE:
+        return False  # never open a transaction, never run inside a failed one
+    if callable(getattr(driver, "is_in_transaction", None)):  # asyncpg: no implicit BEGIN
+        dbapi_connection.run_async(lambda c: c.execute(sql))
+    elif hasattr(dbapi_connection, "run_async"):  # psycopg AsyncConnection
+
+        async def send(c: Any) -> None:
+            before = c.autocommit
+            await c.set_autocommit(True)
+            try:
+                await c.execute(sql)
+            finally:
+                if not c.closed:
+                    await c.set_autocommit(before)
+
+        dbapi_connection.run_async(send)
+    else:  # psycopg2, psycopg 3
+        before = driver.autocommit
+        driver.autocommit = True
+        try:
+            cursor = driver.cursor()
+            try:
+                cursor.execute(sql)
+            finally:
+                cursor.close()
+        finally:
+            if not driver.closed:  # a dead connection refuses even this
+                driver.autocommit = before
+    return True

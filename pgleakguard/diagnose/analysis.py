@@ -459,7 +459,7 @@ def unmeasured_findings(diag: Diagnosis) -> list[Finding]:
     if not unknown:
         return []
     states = Counter(s.state or "" for s in unknown)
-    what = ", ".join(f"{n} {state}" for state, n in sorted(states.items(), key=lambda kv: -kv[1]))
+    what = ", ".join(f"{n} {state}" for state, n in _ranked(states))
     if diag.now is None:
         missing = "the moment of the snapshot is unknown (no now column, no timestamps: give --now)"
         columns = ["now"]

@@ -419,6 +419,7 @@ def pool_fixes(diag: Diagnosis, transaction_pooling: bool) -> list[Fix]:
             f"# {how}",
             "pool = ConnectionPool(",
             "    conninfo,",
+            "    open=True,             # or: with ConnectionPool(...) as pool:",
             "    min_size=2,",
             f"    max_size={size},",
             "    timeout=10,            # fail fast instead of queueing for 30 s",

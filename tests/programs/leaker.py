@@ -19,6 +19,7 @@ import json
 import os
 import sys
 
+import psycopg
 import sqlalchemy as sa
 
 import pgleakguard
@@ -34,7 +35,9 @@ def main() -> None:
         leak_threshold=3600,
         idle_in_transaction_threshold=3600,
     )
-    engine = sa.create_engine(DSN.replace("postgresql://", "postgresql+psycopg://", 1))
+    # The DSN as psycopg reads it (a URI or key=value pairs), passed on as keyword arguments.
+    params = psycopg.conninfo.conninfo_to_dict(DSN)
+    engine = sa.create_engine("postgresql+psycopg://", connect_args=params)
     idle = engine.connect()  # leak: idle
     idle = idle.execution_options(isolation_level="AUTOCOMMIT")
     idle.execute(sa.text("SELECT 1"))

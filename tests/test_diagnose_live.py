@@ -343,6 +343,10 @@ def test_a_role_without_pg_monitor_is_told_the_grant_it_needs(
         'see their state or query. Fix: GRANT pg_monitor TO "pgl_plain";'
     ) in text
     # What the role cannot see cannot be checked for LISTEN, SET...: no transaction pooling.
+    assert (
+        f"PgBouncer (session pooling; session features: {doc['totals']['hidden']} hidden "
+        "session(s) not checked)"
+    ) in text
     assert doc["pgbouncer"]["pool_mode"] == "session"
     assert doc["pgbouncer"]["reasons"][0] == (
         "session pooling, the safe choice: session features could not be checked in "

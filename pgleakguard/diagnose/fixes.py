@@ -379,12 +379,12 @@ def pool_size(diag: Diagnosis) -> tuple[int, int, str]:
     return size, count, how
 
 
-#: psycopg 3 prepares a statement run 5 times on a connection; PgBouncer before 1.21 in
-#: transaction mode hands the next transaction another server connection, without it.
-_PSYCOPG_PREPARE = (
-    "prepare_threshold: None: psycopg 3 prepares statements, which PgBouncer transaction "
-    "mode loses (before 1.21, or without max_prepared_statements)"
-)
+#: psycopg 3 prepares a statement run 5 times on a connection; PgBouncer transaction mode
+#: then hands the next transaction another server connection, without it.
+_PSYCOPG_PREPARE = [
+    "# PgBouncer transaction mode (psycopg 3): no prepared statements, which it loses",
+    "# before PgBouncer 1.21 or without max_prepared_statements",
+]
 
 
 def pool_fixes(diag: Diagnosis, transaction_pooling: bool) -> list[Fix]:
@@ -404,7 +404,7 @@ def pool_fixes(diag: Diagnosis, transaction_pooling: bool) -> list[Fix]:
             "    pool_pre_ping=True,    # survives idle_session_timeout and restarts",
             *(
                 [
-                    f"    # PgBouncer transaction mode, psycopg 3 driver: {_PSYCOPG_PREPARE}",
+                    *(f"    {line}" for line in _PSYCOPG_PREPARE),
                     '    connect_args={"prepare_threshold": None},',
                 ]
                 if bouncer
@@ -428,7 +428,7 @@ def pool_fixes(diag: Diagnosis, transaction_pooling: bool) -> list[Fix]:
             "    check=ConnectionPool.check_connection,  # survives idle_session_timeout",
             *(
                 [
-                    f"    # PgBouncer transaction mode: {_PSYCOPG_PREPARE}",
+                    *(f"    {line}" for line in _PSYCOPG_PREPARE),
                     '    kwargs={"prepare_threshold": None},',
                 ]
                 if bouncer

@@ -193,6 +193,16 @@ def pool_mode_for(
     ]
 
 
+def features_phrase(features: Sequence[SessionFeature], hidden: int = 0) -> str:
+    """``LISTEN, temp tables``; ``none seen`` (or, with hidden sessions, how many could not
+    be checked)."""
+    named = ", ".join(f.name for f in features)
+    if hidden:
+        unchecked = f"{hidden} hidden session(s) not checked"
+        return f"{named}; {unchecked}" if named else unchecked
+    return named or "none seen"
+
+
 def size_pool(active: int, pairs: int, usable: int | None, total: int) -> tuple[int, int, int]:
     """(default_pool_size, max_db_connections, max_client_conn) from the observed usage.
 

@@ -249,8 +249,7 @@ def findings(diag: Diagnosis) -> list[Finding]:
         "hidden": 5,
         "reserved_slots": 6,
     }
-    # The sum of the small leak groups goes last, whatever its size.
-    order["leak_other"] = 5
+    # The sum of the small leak groups goes last, whatever its size (the first sort key).
     out.sort(key=lambda f: (f.kind == "leak_other", -f.sessions, order.get(f.kind, 9), f.summary))
     return out
 

@@ -71,8 +71,14 @@ ACTIVITY_COLUMNS: tuple[tuple[str, int], ...] = (
     ("query_id", 14),
     ("query", 12),
     ("backend_type", 12),
+    ("rolsuper", 12),
 )
-_CAST = {"client_addr": "host(a.client_addr)"}
+# rolsuper: pg_roles is readable by every role; diagnose needs it to know what the triage SQL
+# (which spares superusers unless told otherwise) will end.
+_CAST = {
+    "client_addr": "host(a.client_addr)",
+    "rolsuper": "(SELECT r.rolsuper FROM pg_roles AS r WHERE r.oid = a.usesysid)",
+}
 _NULL_CAST = {"leader_pid": "NULL::integer", "query_id": "NULL::bigint"}
 
 #: The fields of a pg_stat_activity row put into leak reports and correlations.

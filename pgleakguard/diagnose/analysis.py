@@ -130,9 +130,13 @@ def diagnose(
     self_pid: int | None = None,
     blockers: Mapping[int, list[int]] | None = None,
 ) -> Diagnosis:
-    """Breakdowns, suspects and ranked findings for one set of client sessions."""
+    """Breakdowns, suspects and ranked findings for one set of client sessions.
+
+    The session running the diagnosis (``self_pid``) is left out: it is not the workload.
+    """
+    sessions = [s for s in sessions if s.backend_pid != self_pid]
     diag = Diagnosis(
-        sessions=[s.redacted() for s in sessions] if options.redact_sql else list(sessions),
+        sessions=[s.redacted() for s in sessions] if options.redact_sql else sessions,
         settings=settings,
         options=options,
         now=now,
@@ -218,6 +222,7 @@ def suspects(
     for s in sessions:
         limit = limits.get(s.state or "")
         if limit is None or s.backend_pid == self_pid or s.state_change is None:
+            # No state_change: cannot be measured (see unmeasured_findings).
             continue
         seconds = max(0.0, now - s.state_change)
         if seconds >= limit:
@@ -230,13 +235,21 @@ def suspects(
 
 
 def findings(diag: Diagnosis) -> list[Finding]:
-    """Root causes, most slots first: leak groups, idle pools, lock waits, long queries,
-    hidden sessions."""
+    """Root causes, most slots first: leak groups, unmeasurable sessions, idle pools, lock
+    waits, long queries, hidden sessions, sessions in the reserved slots."""
     out = leak_findings(diag) + idle_pool_findings(diag) + blocked_findings(diag)
-    out += long_query_findings(diag) + hidden_findings(diag)
-    order = {"leak": 0, "blocked": 1, "idle_pool": 2, "long_query": 3, "hidden": 4}
-    # The sum of the small leak groups goes last, whatever its size.
-    order["leak_other"] = 5
+    out += long_query_findings(diag) + hidden_findings(diag) + unmeasured_findings(diag)
+    out += reserved_slot_findings(diag)
+    order = {
+        "leak": 0,
+        "unmeasured": 1,
+        "blocked": 2,
+        "idle_pool": 3,
+        "long_query": 4,
+        "hidden": 5,
+        "reserved_slots": 6,
+    }
+    # The sum of the small leak groups goes last, whatever its size (the first sort key).
     out.sort(key=lambda f: (f.kind == "leak_other", -f.sessions, order.get(f.kind, 9), f.summary))
     return out
 
@@ -430,5 +443,72 @@ def hidden_findings(diag: Diagnosis) -> list[Finding]:
             summary=summary,
             backend_pids=pids,
             evidence={"role": diag.role, "grant": grant_advice(diag.role)},
+        )
+    ]
+
+
+def unmeasured_findings(diag: Diagnosis) -> list[Finding]:
+    """Sessions that may be leaks but whose time in their state cannot be measured (a
+    snapshot without ``state_change`` values, or without any timestamp to date it)."""
+    unknown = [
+        s
+        for s in diag.sessions
+        if s.state in REASONS and (diag.now is None or s.state_change is None)
+    ]
+    if not unknown:
+        return []
+    states = Counter(s.state or "" for s in unknown)
+    what = ", ".join(f"{n} {state}" for state, n in _ranked(states))
+    if diag.now is None:
+        missing = "the moment of the snapshot is unknown (no now column, no timestamps: give --now)"
+        columns = ["now"]
+    else:
+        missing = "state_change is missing (export every pg_stat_activity column)"
+        columns = ["state_change"]
+    summary = (
+        f"{len(unknown)} {diag.slots_phrase} could be leaks but cannot be measured ({what}): "
+        f"{missing}"
+    )
+    return [
+        Finding(
+            kind="unmeasured",
+            sessions=len(unknown),
+            summary=summary,
+            backend_pids=tuple(sorted(s.backend_pid for s in unknown)),
+            evidence={"states": dict(states), "missing": columns},
+        )
+    ]
+
+
+def reserved_slot_findings(diag: Diagnosis) -> list[Finding]:
+    """More client sessions than usable slots: the rest sit in the reserved slots, which
+    only superusers (and, 16+, members of pg_use_reserved_connections) may take."""
+    settings = diag.settings
+    usable, reserved = settings.usable, settings.reserved
+    if usable is None or reserved is None or diag.total <= usable:
+        return []
+    over = diag.total - usable
+    supers = [s for s in diag.sessions if s.superuser]
+    who = "superusers"
+    if settings.integer("reserved_connections"):
+        who += " and members of pg_use_reserved_connections"
+    known = (
+        f"; {len(supers)} session(s) run as superuser "
+        + ", ".join(sorted({s.user or _NO_VALUE for s in supers}))
+        if supers
+        else ""
+    )
+    summary = (
+        f"{diag.total} client sessions {diag.slots_phrase}: {over} of them are in the "
+        f"{reserved} reserved slot(s), which only {who} may use{known}; every other role "
+        'already gets "remaining connection slots are reserved"'
+    )
+    return [
+        Finding(
+            kind="reserved_slots",
+            sessions=over,
+            summary=summary,
+            backend_pids=tuple(sorted(s.backend_pid for s in supers)),
+            evidence={"usable": usable, "reserved": reserved, "superuser_sessions": len(supers)},
         )
     ]

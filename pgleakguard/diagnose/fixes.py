@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 from .. import tagging
 from . import pgbouncer
-from .analysis import Diagnosis, Suspect
+from .analysis import Diagnosis, Suspect, grant_advice
+from .recommend import MAX_POOL
 from .sql import quote_ident, quote_literal
 from .terminate import Filters, terminate_sql
 from .units import format_duration, pg_interval
@@ -61,6 +62,8 @@ def triage(diag: Diagnosis) -> tuple[list[Triage], int]:
     A group from one process is pinned to its tag (service and pid); a service's many
     processes are matched by service. The threshold in the SQL is the diagnosis threshold,
     so it ends the suspects listed and whatever joined them since, never a busy session.
+    The title says exactly what the SQL ends, superusers' sessions included (see
+    :func:`_superusers`).
     """
     groups: dict[tuple[str, str, str], list[Suspect]] = {}
     for sus in diag.suspects:
@@ -99,11 +102,41 @@ def _triage_one(diag: Diagnosis, key: tuple[str, str, str], members: list[Suspec
         filters = dataclasses.replace(filters, application=name)
     else:
         filters = dataclasses.replace(filters, user=name)
+    include, note = _superusers(kind, members)
+    filters = dataclasses.replace(filters, include_superusers=include)
     title = (
         f"End the {len(members)} session(s) of {who} in state '{reason}' "
-        f"for more than {format_duration(limit)}"
+        f"for more than {format_duration(limit)}{note}"
     )
     return Triage(title, filters, terminate_sql(filters), len(members))
+
+
+def _superusers(kind: str, members: Sequence[Suspect]) -> tuple[bool, str]:
+    """Whether the group's SQL must include superusers' sessions, and the title's note.
+
+    The terminate SQL spares superusers' sessions unless told otherwise (an administrator's
+    psql may be among them). A group with sessions of a superuser includes them, or the SQL
+    would end fewer sessions than its title says. A group picked by a pgleakguard tag
+    includes them too when superuser-ness is unknown (a snapshot): the tag names the
+    application, never an administrator's session.
+    """
+    supers = sorted({m.session.user or "?" for m in members if m.session.superuser})
+    count = sum(1 for m in members if m.session.superuser)
+    unknown = any(m.session.superuser is None for m in members)
+    if count:
+        check = "" if kind == "service" else "; check they are not an administrator's"
+        return True, (
+            f" ({count} of them run as superuser {', '.join(supers)}: this SQL includes "
+            f"superusers' sessions{check})"
+        )
+    if unknown and kind == "service":
+        return True, ""
+    if unknown:
+        return False, (
+            " (superusers' sessions are spared: which roles are superusers is unknown, "
+            "export rolsuper with the snapshot)"
+        )
+    return False, ""
 
 
 # -- server settings ----------------------------------------------------------------------
@@ -113,6 +146,9 @@ def _current(diag: Diagnosis, name: str) -> str | None:
     setting = diag.settings.values.get(name)
     if setting is None:
         return None
+    if name.startswith("tcp_keepalives_") and setting.value == "0":
+        # PostgreSQL shows the socket's value: 0 only where there is no TCP (a Unix socket).
+        return "unknown: read over a Unix socket, where it always shows 0"
     if setting.value in ("0", "-1") and setting.unit in ("ms", "s", "min"):
         return "0 (off)"
     return setting.value + (setting.unit or "")
@@ -123,23 +159,42 @@ def _gate(diag: Diagnosis, name: str, why: str, text: str, since: int | None) ->
     return Fix(name, why, text, "sql", since, applies, _current(diag, name))
 
 
-def _roles_of(suspects: Sequence[Suspect], states: tuple[str, ...]) -> list[str]:
+def _roles_of(suspects: Sequence[Suspect], states: tuple[str, ...]) -> list[tuple[str, bool]]:
+    """The five roles with most suspects in ``states``, each with whether it is a superuser."""
     counts = Counter(s.session.user for s in suspects if s.reason in states and s.session.user)
-    return [role for role, _ in counts.most_common(5)]
+    supers = {s.session.user for s in suspects if s.session.superuser}
+    return [(role, role in supers) for role, _ in counts.most_common(5)]
 
 
-def _alter(setting: str, value: str, roles: Sequence[str]) -> str:
+def _alter(setting: str, value: str, roles: Sequence[tuple[str, bool]]) -> str:
     lines = [f"ALTER SYSTEM SET {setting} = {quote_literal(value)};", "SELECT pg_reload_conf();"]
     if roles:
         lines.append("-- or only for the roles seen leaking:")
-        lines += [
-            f"ALTER ROLE {quote_ident(r)} SET {setting} = {quote_literal(value)};" for r in roles
-        ]
+        lines += _alter_roles(setting, value, roles)
     return "\n".join(lines)
 
 
+def _alter_roles(setting: str, value: str, roles: Sequence[tuple[str, bool]]) -> list[str]:
+    """``ALTER ROLE ... SET`` for each role (its new sessions get it); a line to edit when
+    no role was seen. A superuser role is only named: administrators' sessions would get
+    the timeout too."""
+    lines = [
+        f"-- not for {quote_ident(r)}: a superuser, its administrators' sessions would get it too"
+        if superuser
+        else f"ALTER ROLE {quote_ident(r)} SET {setting} = {quote_literal(value)};"
+        for r, superuser in roles
+    ]
+    if all(superuser for _, superuser in roles):
+        lines.append(f"-- ALTER ROLE <application role> SET {setting} = {quote_literal(value)};")
+    return lines
+
+
 def timeout_fixes(diag: Diagnosis) -> list[Fix]:
-    """Server-side timeouts that end leaked sessions by themselves."""
+    """Server-side timeouts that end leaked sessions by themselves.
+
+    The two that would end legitimate sessions if set server-wide (idle pooled connections,
+    PgBouncer's server connections, pg_dump, migrations) are given per role only.
+    """
     in_xact = _roles_of(diag.suspects, ("idle in transaction", "idle in transaction (aborted)"))
     idle = _roles_of(diag.suspects, ("idle",))
     idle_value = pg_interval(max(diag.options.idle_threshold, 300))
@@ -155,10 +210,11 @@ def timeout_fixes(diag: Diagnosis) -> list[Fix]:
         _gate(
             diag,
             "idle_session_timeout",
-            "ends a session idle outside a transaction for longer than this; set it per role "
-            "for applications, not where PgBouncer connects, and have pools test connections "
-            "(pool_pre_ping, CONN_HEALTH_CHECKS)",
-            _alter("idle_session_timeout", idle_value, idle),
+            "ends a session idle outside a transaction for longer than this; per application "
+            "role, never server-wide (it would also close every service's idle pooled "
+            "connections and PgBouncer's idle server connections), and have pools test "
+            "connections (pool_pre_ping, CONN_HEALTH_CHECKS)",
+            "\n".join(_alter_roles("idle_session_timeout", idle_value, idle)),
             14,
         ),
         _gate(
@@ -172,14 +228,16 @@ def timeout_fixes(diag: Diagnosis) -> list[Fix]:
             diag,
             "transaction_timeout",
             "ends any transaction (idle or not) older than this: the backstop for leaked "
-            "transactions; per role, above your longest legitimate transaction",
-            _alter("transaction_timeout", "10min", in_xact),
+            "transactions; per application role, above its longest legitimate transaction, "
+            "never server-wide (it would also end pg_dump, migrations and other long jobs)",
+            "\n".join(_alter_roles("transaction_timeout", "10min", in_xact)),
             17,
         ),
         Fix(
             "tcp_keepalives_*",
             "finds clients that vanished without closing (crashed host, dropped NAT entry) in "
-            "about 2 minutes instead of hours; TCP connections only",
+            "about 2 minutes instead of hours (0 means the OS default: 2 hours on Linux); TCP "
+            "connections only",
             "\n".join(
                 [
                     "ALTER SYSTEM SET tcp_keepalives_idle = '60s';",
@@ -196,41 +254,64 @@ def timeout_fixes(diag: Diagnosis) -> list[Fix]:
     ]
 
 
-def connection_limit(seen: int, suspected: int, usable: int | None) -> int:
-    """A CONNECTION LIMIT with headroom: 1.5x the sessions not suspected of leaking, at least
-    10, never above the usable slots."""
-    limit = max(10, math.ceil(1.5 * max(0, seen - suspected)))
+#: States of a session that holds a transaction open: a leak, not a pool member.
+_IN_TRANSACTION = ("idle in transaction", "idle in transaction (aborted)")
+
+
+def connection_limit(in_use: int, usable: int | None) -> int:
+    """A CONNECTION LIMIT with headroom: 1.5x the sessions in use, at least 10, never below
+    what is in use, at most the usable slots."""
+    limit = max(10, in_use, math.ceil(1.5 * in_use))
     return min(limit, usable) if usable else limit
 
 
 def limit_fixes(diag: Diagnosis) -> list[Fix]:
-    """ALTER ROLE / ALTER DATABASE ... CONNECTION LIMIT from the observed usage."""
-    suspected = {s.session.backend_pid for s in diag.suspects}
+    """ALTER ROLE ... CONNECTION LIMIT from the observed usage, per non-superuser role.
+
+    In use: every session of the role except those suspected of leaking a transaction; idle
+    pool members count (a pool idle for hours at night is still the pool). No per-database
+    limit: it would cap every service of that database at once.
+    """
+    leaked = {s.session.backend_pid for s in diag.suspects if s.reason in _IN_TRANSACTION}
     usable = diag.settings.usable
     lines = [
-        "-- limit = max(10, 1.5 x sessions not suspected of leaking), at most the usable slots;",
-        "-- a role or database over its limit gets an error instead of taking every slot",
-        "-- (superusers are not limited)",
+        "-- limit = 1.5 x the role's sessions in use (all but those leaked idle in a transaction),",
+        "-- at least 10, at most the usable slots; a role over its limit gets an error instead",
+        "-- of taking every slot. Per role, not per database: a database limit caps every",
+        "-- service using it. Superusers are never limited.",
     ]
-    for kind, attr in (("ROLE", "user"), ("DATABASE", "database")):
-        seen: Counter[str] = Counter()
-        leaking: Counter[str] = Counter()
-        for s in diag.sessions:
-            name = getattr(s, attr)
-            if name:
-                seen[name] += 1
-                leaking[name] += s.backend_pid in suspected
-        for name, count in seen.most_common(10):
-            limit = connection_limit(count, leaking[name], usable)
+    seen: Counter[str] = Counter()
+    leaking: Counter[str] = Counter()
+    supers: set[str] = set()
+    for s in diag.sessions:
+        if s.user:
+            seen[s.user] += 1
+            leaking[s.user] += s.backend_pid in leaked
+            if s.superuser:
+                supers.add(s.user)
+    for name, count in seen.most_common(10):
+        if name in supers:
+            lines.append(f"-- {name}: a superuser, CONNECTION LIMIT does not apply")
+            continue
+        in_use = count - leaking[name]
+        limit = connection_limit(in_use, usable)
+        figures = f"seen {count}, {leaking[name]} leaked in a transaction, {in_use} in use"
+        if usable is not None and limit >= usable:
             lines.append(
-                f"ALTER {kind} {quote_ident(name)} CONNECTION LIMIT {limit};"
-                f"  -- seen {count}, {leaking[name]} suspected"
+                f"-- {name}: no limit below the {usable} usable slots leaves it headroom "
+                f"({figures})"
+            )
+            continue
+        lines.append(f"ALTER ROLE {quote_ident(name)} CONNECTION LIMIT {limit};  -- {figures}")
+        if count > limit:
+            lines.append(
+                f"--   {name} has {count} sessions now: its new connections fail until the "
+                "leaked ones end (triage above)"
             )
     return [
         Fix(
             "CONNECTION LIMIT",
-            "caps what one role or database can take, so one leaking service cannot exhaust "
-            "the server",
+            "caps what one role can take, so one leaking service cannot exhaust the server",
             "\n".join(lines),
             "sql",
         )
@@ -245,8 +326,10 @@ def pgbouncer_config(
 ) -> pgbouncer.PgBouncerConfig:
     """A PgBouncer setup for this workload: pool mode from the session features seen, sizes
     from the active sessions per (database, user)."""
-    mode, reasons = pgbouncer.pool_mode_for(features)
-    active = sum(1 for s in diag.sessions if s.state == "active" and s.backend_pid != diag.self_pid)
+    mode, reasons = pgbouncer.pool_mode_for(
+        features, diag.total, diag.hidden, grant_advice(diag.role) if diag.hidden else ""
+    )
+    active = sum(1 for s in diag.sessions if s.state == "active")
     pairs = {(s.database, s.user) for s in diag.sessions if s.database and s.user}
     size, budget, clients = pgbouncer.size_pool(
         active, len(pairs), diag.settings.usable, diag.total
@@ -282,22 +365,31 @@ def pool_size(diag: Diagnosis) -> tuple[int, int, str]:
     processes = {
         (s.service, s.client_pid) if s.client_pid else (s.application_name, s.client_addr)
         for s in diag.sessions
-        if s.backend_pid != diag.self_pid
     }
     count = max(1, len(processes))
     usable = diag.settings.usable
-    budget = math.floor(0.8 * (usable if usable is not None else max(diag.total, 20)))
-    size = max(2, min(20, budget // count))
+    base = usable if usable is not None else max(diag.total, 20)
+    budget = math.floor(0.8 * base)
+    size = max(2, min(MAX_POOL, budget // count))
     how = (
-        f"pool size {size} = min(20, 80% of {usable if usable is not None else budget} "
+        f"pool size {size} = min({MAX_POOL}, 80% of {base} "
         f"{'usable slots' if usable is not None else 'sessions'} / {count} client process(es))"
-        ", at least 2; 20 is about what one PostgreSQL server runs at once"
+        f", at least 2; {MAX_POOL} is about what one PostgreSQL server runs at once"
     )
     return size, count, how
 
 
+#: psycopg 3 prepares a statement run 5 times on a connection; PgBouncer transaction mode
+#: then hands the next transaction another server connection, without it.
+_PSYCOPG_PREPARE = [
+    "# PgBouncer transaction mode (psycopg 3): no prepared statements, which it loses",
+    "# before PgBouncer 1.21 or without max_prepared_statements",
+]
+
+
 def pool_fixes(diag: Diagnosis, transaction_pooling: bool) -> list[Fix]:
-    """Pool settings for SQLAlchemy, Django, Rails ActiveRecord and HikariCP."""
+    """Pool settings for SQLAlchemy, psycopg_pool, Django, Rails ActiveRecord and HikariCP;
+    with ``transaction_pooling`` (PgBouncer) also what each must turn off."""
     size, _, how = pool_size(diag)
     bouncer = transaction_pooling
     sqlalchemy = "\n".join(
@@ -310,8 +402,40 @@ def pool_fixes(diag: Diagnosis, transaction_pooling: bool) -> list[Fix]:
             "    pool_timeout=10,       # fail fast instead of queueing for 30 s",
             "    pool_recycle=1800,     # below any server or proxy idle timeout",
             "    pool_pre_ping=True,    # survives idle_session_timeout and restarts",
+            *(
+                [
+                    *(f"    {line}" for line in _PSYCOPG_PREPARE),
+                    '    connect_args={"prepare_threshold": None},',
+                ]
+                if bouncer
+                else []
+            ),
             ")",
             "# always: with engine.connect() as conn: ...  (never keep a connection)",
+        ]
+    )
+    psycopg_pool = "\n".join(
+        [
+            f"# {how}",
+            "pool = ConnectionPool(",
+            "    conninfo,",
+            "    open=True,             # or: with ConnectionPool(...) as pool:",
+            "    min_size=2,",
+            f"    max_size={size},",
+            "    timeout=10,            # fail fast instead of queueing for 30 s",
+            "    max_idle=300,          # close connections idle for 5 min",
+            "    max_lifetime=1800,     # below any server or proxy idle timeout",
+            "    check=ConnectionPool.check_connection,  # survives idle_session_timeout",
+            *(
+                [
+                    *(f"    {line}" for line in _PSYCOPG_PREPARE),
+                    '    kwargs={"prepare_threshold": None},',
+                ]
+                if bouncer
+                else []
+            ),
+            ")",
+            "# always: with pool.connection() as conn: ...  (never keep a connection)",
         ]
     )
     django_opts = f'"OPTIONS": {{"pool": {{"min_size": 2, "max_size": {size}, "timeout": 10}}}},'
@@ -324,7 +448,11 @@ def pool_fixes(diag: Diagnosis, transaction_pooling: bool) -> list[Fix]:
             "    # older Django: persistent connections, checked before reuse",
             "    # 'CONN_MAX_AGE': 60, 'CONN_HEALTH_CHECKS': True,",
             *(
-                ["    'DISABLE_SERVER_SIDE_CURSORS': True,  # PgBouncer transaction mode"]
+                [
+                    "    'DISABLE_SERVER_SIDE_CURSORS': True,  # PgBouncer transaction mode",
+                    '    # and keep OPTIONS without "server_side_binding": True or a',
+                    '    # "prepare_threshold" (Django turns psycopg\'s prepared statements off)',
+                ]
                 if bouncer
                 else []
             ),
@@ -369,6 +497,7 @@ def pool_fixes(diag: Diagnosis, transaction_pooling: bool) -> list[Fix]:
     why = "a bounded pool per process, failing fast, with leaked connections found"
     return [
         Fix("SQLAlchemy", why, sqlalchemy, "python"),
+        Fix("psycopg_pool", why, psycopg_pool, "python"),
         Fix("Django", why, django, "python"),
         Fix("Rails ActiveRecord", why, rails, "yaml"),
         Fix("HikariCP", why, hikari, "properties"),

@@ -58,6 +58,7 @@ class Session:
         "client_pid",
         "callsite",
         "tagged",
+        "superuser",
     )
 
     backend_pid: int
@@ -85,10 +86,14 @@ class Session:
     callsite: str | None
     #: True when the owner came from a pgleakguard tag (not just a plain application_name).
     tagged: bool
+    #: Whether the session's role is a superuser (``rolsuper`` column); ``None`` when unknown.
+    superuser: bool | None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Session:
         """Build from a row keyed by pg_stat_activity column names; missing columns are NULL.
+
+        ``rolsuper`` (pg_roles, joined on usesysid) says whether the role is a superuser.
 
         Raises :class:`RowError` naming the column whose value cannot be read.
         """
@@ -120,6 +125,7 @@ class Session:
         query = get("query")
         self.query = None if query is None else str(query)
         self.hidden = self.query == INSUFFICIENT_PRIVILEGE
+        self.superuser = _flag("rolsuper", get("rolsuper"))
         self._read_tags()
         return self
 
@@ -258,6 +264,22 @@ def _int(name: str, value: Any) -> int | None:
     if not text.lstrip("-").isdigit():
         raise RowError(f"{name} {value!r} is not a whole number")
     return int(text)
+
+
+_TRUE = ("t", "true", "on", "yes", "1")
+_FALSE = ("f", "false", "off", "no", "0")
+
+
+def _flag(name: str, value: Any) -> bool | None:
+    # A driver gives a bool; CSV and psql exports give t/f; JSON gives true/false.
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise RowError(f"{name} {value!r} is not a boolean")
 
 
 def _text(value: Any) -> str | None:

@@ -19,27 +19,33 @@ TRACKED_PARAMETERS = frozenset(
     {"application_name", "client_encoding", "datestyle", "timezone", "standard_conforming_strings"}
 )
 _LEADING_COMMENTS = re.compile(r"^(?:\s+|/\*.*?\*/|--[^\n]*\n)*", re.S)
-_FEATURES: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("LISTEN", re.compile(r"^LISTEN\b", re.I)),
-    ("SQL PREPARE", re.compile(r"^PREPARE\b", re.I)),
-    ("WITH HOLD cursors", re.compile(r"^DECLARE\b[^;]*\bWITH\s+HOLD\b", re.I | re.S)),
+#: (feature, pattern, unless): a query matching ``pattern`` and not ``unless`` shows it.
+_FEATURES: tuple[tuple[str, re.Pattern[str], re.Pattern[str] | None], ...] = (
+    ("LISTEN", re.compile(r"^LISTEN\b", re.I), None),
+    ("SQL PREPARE", re.compile(r"^PREPARE\b", re.I), None),
+    ("WITH HOLD cursors", re.compile(r"^DECLARE\b[^;]*\bWITH\s+HOLD\b", re.I | re.S), None),
     (
         "temp tables",
         re.compile(
             r"\bCREATE\s+(?:GLOBAL\s+|LOCAL\s+)?TEMP(?:ORARY)?\s+TABLE\b|\bINTO\s+TEMP(?:ORARY)?\b",
             re.I,
         ),
+        # ON COMMIT DROP: the table ends with the transaction, which is safe to pool.
+        re.compile(r"\bON\s+COMMIT\s+DROP\b", re.I),
     ),
-    ("advisory locks", re.compile(r"\bpg_(?:try_)?advisory_lock(?:_shared)?\s*\(", re.I)),
+    ("advisory locks", re.compile(r"\bpg_(?:try_)?advisory_lock(?:_shared)?\s*\(", re.I), None),
 )
 _SET = re.compile(
     r"^SET\s+(?:SESSION\s+)?(?!LOCAL\b|TRANSACTION\b|SESSION\s+CHARACTERISTICS\b)"
     r"(\"?[A-Za-z_][A-Za-z0-9_.]*\"?)",
     re.I,
 )
+#: SET's special forms and the parameter each sets (SET TIME ZONE is SET timezone).
+_SET_FORMS = {"time": "timezone", "names": "client_encoding"}
 # Cheap pre-check: only queries with one of these words can show a session feature.
 _MAYBE = re.compile(r"listen|prepare|hold|temp|advisory|set", re.I)
 _SET_CONFIG = re.compile(r"\bset_config\s*\(\s*'([^']+)'\s*,[^,]*,\s*false\s*\)", re.I)
+_XACT_LOCK = re.compile(r"\bpg_(?:try_)?advisory_xact_lock(?:_shared)?\s*\(", re.I)
 
 #: What each session feature does under transaction pooling.
 CONSEQUENCES = {
@@ -74,23 +80,38 @@ class SessionFeature:
 def session_features(
     sessions: Iterable[Session], advisory_lock_pids: Sequence[int] = ()
 ) -> list[SessionFeature]:
-    """Session-level features in the sessions' last queries, and advisory locks held by idle
-    sessions (from pg_locks: a lock held outside a transaction is a session lock)."""
+    """Session-level features in the sessions' last queries, and advisory locks in pg_locks.
+
+    An advisory lock held by an idle session is a session lock; one held inside a
+    transaction is counted too (pg_locks does not say its level) unless the session's last
+    query took it with pg_advisory_xact_lock.
+    """
     seen: dict[str, list[tuple[int, str]]] = {}
-    idle = set()
+    by_pid: dict[int, Session] = {}
     for s in sessions:
-        if s.state == "idle":
-            idle.add(s.backend_pid)
+        by_pid[s.backend_pid] = s
         if not s.query or s.hidden or _MAYBE.search(s.query) is None:
             continue
         text = _LEADING_COMMENTS.sub("", s.query, count=1)
         for name in _features_of(text):
             seen.setdefault(name, []).append((s.backend_pid, _short(text)))
+    locks = seen.setdefault("advisory locks", [])
     for pid in advisory_lock_pids:
-        if pid in idle and all(p != pid for p, _ in seen.get("advisory locks", [])):
-            seen.setdefault("advisory locks", []).append((pid, "a lock in pg_locks while idle"))
+        holder = by_pid.get(pid)
+        if holder is None or any(p == pid for p, _ in locks):
+            continue
+        if holder.state == "idle":
+            locks.append((pid, "an advisory lock in pg_locks while idle (a session lock)"))
+        elif not (holder.query and _XACT_LOCK.search(holder.query)):
+            locks.append(
+                (
+                    pid,
+                    "an advisory lock in pg_locks (a session lock unless taken with "
+                    "pg_advisory_xact_lock)",
+                )
+            )
     out = []
-    for name in (*(n for n, _ in _FEATURES), "session SET"):
+    for name in (*(n for n, _, _ in _FEATURES), "session SET"):
         hits = sorted(seen.get(name, []))
         if hits:
             example = f"backend {hits[0][0]}: {hits[0][1]}"
@@ -99,9 +120,14 @@ def session_features(
 
 
 def _features_of(text: str) -> list[str]:
-    found = [name for name, pattern in _FEATURES if pattern.search(text)]
+    found = [
+        name
+        for name, pattern, unless in _FEATURES
+        if pattern.search(text) and not (unless and unless.search(text))
+    ]
     m = _SET.match(text)
     params = [m.group(1).strip('"')] if m else []
+    params = [_SET_FORMS.get(p.lower(), p) for p in params]
     params += _SET_CONFIG.findall(text)
     if any(p.lower() not in TRACKED_PARAMETERS for p in params):
         found.append("session SET")
@@ -132,14 +158,49 @@ class PgBouncerConfig:
     reasons: Sequence[str] = ()
 
 
-def pool_mode_for(features: Sequence[SessionFeature]) -> tuple[str, list[str]]:
-    """``transaction`` unless a session feature is in use; the reasons either way."""
-    if not features:
-        return "transaction", [
-            "transaction pooling: no session features (LISTEN, advisory locks, SQL PREPARE, "
-            "WITH HOLD cursors, temp tables, session SET) were seen"
+#: What the last query of a session cannot show, said wherever transaction pooling is chosen.
+WEAK_EVIDENCE = (
+    "weak evidence: only each session's last query is visible, so a LISTEN, PREPARE, SET or "
+    "temp table issued earlier in a session is not (LISTEN usually is), and there is no "
+    "server-wide view of who listens; check the application for them before switching"
+)
+
+
+def pool_mode_for(
+    features: Sequence[SessionFeature], sessions: int = 0, hidden: int = 0, grant: str = ""
+) -> tuple[str, list[str]]:
+    """``transaction`` when no session feature is in use and every session could be checked;
+    ``session`` otherwise. The reasons say what was seen and how little it proves.
+
+    ``sessions``: how many were looked at; ``hidden``: how many of them showed
+    ``<insufficient privilege>`` (their queries could not be checked); ``grant``: the fix.
+    """
+    if features:
+        return "session", [f"session pooling because of {f.reason}" for f in features]
+    if hidden:
+        return "session", [
+            f"session pooling, the safe choice: session features could not be checked in "
+            f"{hidden} of {sessions} sessions, whose queries show <insufficient privilege>"
+            + (f" (fix: {grant})" if grant else "")
+            + "; use transaction pooling only once the application is known not to use "
+            "LISTEN, advisory locks, SQL PREPARE, WITH HOLD cursors, temp tables or session SET"
         ]
-    return "session", [f"session pooling because of {f.reason}" for f in features]
+    return "transaction", [
+        "transaction pooling: no session features (LISTEN, advisory locks, SQL PREPARE, "
+        f"WITH HOLD cursors, temp tables, session SET) in the last query of the {sessions} "
+        "sessions seen, nor advisory locks in pg_locks",
+        WEAK_EVIDENCE,
+    ]
+
+
+def features_phrase(features: Sequence[SessionFeature], hidden: int = 0) -> str:
+    """``LISTEN, temp tables``; ``none seen`` (or, with hidden sessions, how many could not
+    be checked)."""
+    named = ", ".join(f.name for f in features)
+    if hidden:
+        unchecked = f"{hidden} hidden session(s) not checked"
+        return f"{named}; {unchecked}" if named else unchecked
+    return named or "none seen"
 
 
 def size_pool(active: int, pairs: int, usable: int | None, total: int) -> tuple[int, int, int]:

@@ -18,6 +18,9 @@ from .units import GIB, MIB, format_size, pg_size
 BACKEND_OVERHEAD = 10 * MIB
 DEFAULT_WORK_MEM = 4 * MIB
 DEFAULT_MAINTENANCE_WORK_MEM = 64 * MIB
+#: The largest pool per application process recommend and diagnose advise: about what one
+#: PostgreSQL server runs at once; more connections per process only queue.
+MAX_POOL = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +59,14 @@ class TooLittleMemory(ValueError):
     """The memory given leaves nothing for connections."""
 
 
+#: The fewest max_connections recommended whatever the memory: fewer slots would themselves
+#: cause "too many clients" (an application pool, admin, monitoring and migrations need them).
+MIN_CONNECTIONS = 25
+#: A server's shared_buffers below this share of RAM is treated as not tuned (the default
+#: 128MB on a large machine) and 25% of RAM is recommended instead.
+_SHARED_BUFFERS_TOO_SMALL = 1 / 8
+
+
 def recommend(
     ram: int,
     settings: ServerSettings | None = None,
@@ -67,11 +78,15 @@ def recommend(
 ) -> Recommendation:
     """Work out a safe max_connections for ``ram`` bytes.
 
-    ``settings`` (read from a server) supply shared_buffers, work_mem, hash_mem_multiplier,
-    autovacuum and worker settings; explicit ``work_mem`` / ``shared_buffers`` win.
+    ``settings`` (read from a server) supply shared_buffers (kept unless below 1/8 of the
+    RAM, e.g. the 128MB default), work_mem, hash_mem_multiplier, autovacuum and worker
+    settings; explicit ``work_mem`` / ``shared_buffers`` win. Autovacuum workers are counted
+    with the maintenance_work_mem recommended here (what they will use once it is applied)
+    unless the server sets autovacuum_work_mem.
     """
     s = settings or ServerSettings()
     used: list[str] = []
+    notes: list[str] = []
 
     def pick(name: str, given: int | None, default: int) -> int:
         if given is not None:
@@ -83,10 +98,7 @@ def recommend(
         return default
 
     steps: list[Step] = []
-    sb = pick("shared_buffers", shared_buffers, ram // 4)
-    sb_how = "from the server" if "shared_buffers" in used else "25% of RAM"
-    if shared_buffers is not None:
-        sb_how = "given"
+    sb, sb_how = _shared_buffers(ram, s, shared_buffers, used, notes)
     steps.append(Step("shared_buffers", sb_how, format_size(sb), sb))
     os_reserve = ram // 4
     steps.append(
@@ -98,14 +110,18 @@ def recommend(
         )
     )
     av_workers = _int(s, "autovacuum_max_workers", 3, used)
-    av_mem = s.size("autovacuum_work_mem") or pick(
-        "maintenance_work_mem", None, DEFAULT_MAINTENANCE_WORK_MEM
-    )
+    maintenance_mem = min(max(ram // 16, DEFAULT_MAINTENANCE_WORK_MEM), 2 * GIB)
+    av_mem = s.size("autovacuum_work_mem")
+    if av_mem is not None:
+        used.append("autovacuum_work_mem")
+        av_name = "autovacuum_work_mem"
+    else:
+        av_mem, av_name = maintenance_mem, "maintenance_work_mem"
     maintenance = av_workers * av_mem
     steps.append(
         Step(
             "autovacuum",
-            f"autovacuum_max_workers {av_workers} x {format_size(av_mem)}",
+            f"autovacuum_max_workers {av_workers} x {av_name} {format_size(av_mem)}",
             format_size(maintenance),
             maintenance,
         )
@@ -147,15 +163,20 @@ def recommend(
             per_conn,
         )
     )
-    max_conn = max(1, left // per_conn)
-    steps.append(
-        Step(
-            "max_connections",
-            "left for connections / per connection, rounded down",
-            str(max_conn),
-            max_conn,
+    by_memory = left // per_conn
+    max_conn = max(MIN_CONNECTIONS, by_memory)
+    how = "left for connections / per connection, rounded down"
+    if by_memory < MIN_CONNECTIONS:
+        how = f"{by_memory} by memory, raised to the floor of {MIN_CONNECTIONS}"
+        notes.append(
+            f"The memory gives only {by_memory} connections: that estimate is the worst case "
+            "of every connection sorting and hashing at once. Fewer than "
+            f"{MIN_CONNECTIONS} slots would themselves cause 'too many clients' (the "
+            f"application's pool, admin, monitoring and migrations need them), so "
+            f"max_connections is {MIN_CONNECTIONS}: keep work_mem at {pg_size(wm)} or lower, "
+            "pools small, and put PgBouncer in front."
         )
-    )
+    steps.append(Step("max_connections", how, str(max_conn), max_conn))
     reserved = _int(s, "superuser_reserved_connections", 3, used) + _int(
         s, "reserved_connections", 0, used
     )
@@ -165,32 +186,34 @@ def recommend(
             "usable by applications", f"max_connections - {reserved} reserved", str(usable), usable
         )
     )
-    per_instance = max(1, math.floor(0.9 * usable / instances))
+    per_instance = max(1, min(MAX_POOL, math.floor(0.9 * usable / instances)))
     steps.append(
         Step(
             "pool per app instance",
-            f"90% of usable / {instances} instance(s) (10% for admin, migrations, cron)",
+            f"min({MAX_POOL}, 90% of usable / {instances} instance(s)); 10% for admin, "
+            "migrations, cron",
             str(per_instance),
             per_instance,
         )
     )
     bouncer_db = max(1, math.floor(0.8 * usable))
     steps.append(Step("PgBouncer max_db_connections", "80% of usable", str(bouncer_db), bouncer_db))
-    want = 2 * cpus if cpus else 20
+    want = 2 * cpus if cpus else MAX_POOL
     bouncer_pool = min(bouncer_db, want)
     steps.append(
         Step(
             "PgBouncer default_pool_size",
-            f"min(max_db_connections, {'2 x ' + str(cpus) + ' CPUs' if cpus else '20'})",
+            f"min(max_db_connections, {'2 x ' + str(cpus) + ' CPUs' if cpus else MAX_POOL})",
             str(bouncer_pool),
             bouncer_pool,
         )
     )
     clients = max(100, math.ceil(instances * max(per_instance, 10) / 100) * 100)
-    notes = [
-        "Active connections beyond a few per CPU core only queue inside PostgreSQL: keep "
-        "application pools small and put PgBouncer in front rather than raising "
-        "max_connections to the memory limit.",
+    notes += [
+        f"Active connections beyond a few per CPU core only queue inside PostgreSQL: a pool "
+        f"of more than {MAX_POOL} per application process rarely helps (diagnose advises the "
+        "same); put PgBouncer in front rather than raising max_connections to the memory "
+        "limit.",
         "The estimate assumes one sort or hash per query; reporting queries with many such "
         "nodes, or a larger work_mem for some roles, need more per connection.",
     ]
@@ -205,7 +228,7 @@ def recommend(
         "shared_buffers": pg_size(sb),
         "effective_cache_size": pg_size(ram * 3 // 4),
         "work_mem": pg_size(wm),
-        "maintenance_work_mem": pg_size(min(max(ram // 16, 64 * MIB), 2 * GIB)),
+        "maintenance_work_mem": pg_size(maintenance_mem),
     }
     return Recommendation(
         ram=ram,
@@ -222,6 +245,26 @@ def recommend(
         from_server=tuple(dict.fromkeys(used)),
         notes=notes,
     )
+
+
+def _shared_buffers(
+    ram: int, s: ServerSettings, given: int | None, used: list[str], notes: list[str]
+) -> tuple[int, str]:
+    """shared_buffers and how it was chosen: given; the server's unless too small; 25%."""
+    if given is not None:
+        return given, "given"
+    current = s.size("shared_buffers")
+    if current is None:
+        return ram // 4, "25% of RAM"
+    used.append("shared_buffers")
+    if current >= ram * _SHARED_BUFFERS_TOO_SMALL:
+        return current, "from the server"
+    notes.append(
+        f"The server has shared_buffers = {format_size(current)}, too small for "
+        f"{format_size(ram)} of RAM: set it to {pg_size(ram // 4)} (25% of RAM; needs a "
+        "restart)."
+    )
+    return ram // 4, f"25% of RAM (the server's {format_size(current)} is too small)"
 
 
 def _int(s: ServerSettings, name: str, default: int, used: list[str]) -> int:

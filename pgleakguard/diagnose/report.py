@@ -314,7 +314,7 @@ def fix_blocks(report: Report) -> list[Block]:
         out.append(Text(_fix_title(fix, diag.settings.major)))
         if fix.applies is not False:
             out.append(Code(fix.text))
-    features = ", ".join(f.name for f in report.features) or "none"
+    features = pgbouncer.features_phrase(report.features, diag.hidden)
     out += [
         Heading(f"PgBouncer ({report.pgbouncer.pool_mode} pooling; session features: {features})"),
         Code(report.pgbouncer_ini, "ini"),

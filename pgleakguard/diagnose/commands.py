@@ -38,7 +38,9 @@ def run(command: Callable[[argparse.Namespace], int], options: argparse.Namespac
 
     try:
         return command(options)
-    except (CommandError, ServerError, TooLittleMemory) as exc:
+    except ServerError as exc:
+        return fail(str(exc), exc.hint)
+    except (CommandError, TooLittleMemory) as exc:
         return fail(str(exc))
     except snapshot.SnapshotError as exc:
         return fail(f"{options.snapshot}: {exc}")
@@ -51,9 +53,11 @@ def run(command: Callable[[argparse.Namespace], int], options: argparse.Namespac
         return fail(f"{name}: {exc.strerror}" if name else str(exc))
 
 
-def fail(message: str) -> int:
-    """Print the one error line; return exit code 2."""
+def fail(message: str, hint: str | None = None) -> int:
+    """Print the one error line (and the hint's line, if any); return exit code 2."""
     print(f"pgleakguard: error: {message}", file=sys.stderr)
+    if hint:
+        print(f"pgleakguard: hint: {hint}", file=sys.stderr)
     return 2
 
 

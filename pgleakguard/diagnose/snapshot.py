@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 from unicodedata import east_asian_width
 
+from ..sqltext import mask_passwords
 from .model import RowError, Session
 from .units import to_epoch
 
@@ -73,6 +74,8 @@ def parse(text: str) -> Snapshot:
             )
         if "pid" not in row:
             raise SnapshotError(line, "no pid column: export the pg_stat_activity columns")
+        if isinstance(row.get("query"), str):
+            row["query"] = mask_passwords(row["query"])
         try:
             sessions.append(Session.from_row(row))
             for name in _NOW_COLUMNS:

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ..sqltext import mask_passwords, redact
 from .commands import dsn_of, emit, psycopg_error
 from .render import Block, Code, Heading, Table, Text, to_text
 from .sql import quote_ident
@@ -40,11 +41,10 @@ def terminate_command(options: argparse.Namespace) -> int:
     conn = server.connect(dsn, purpose="terminate")
     try:
         matched = _fetch(conn, select_sql(filters), dsn)
-        if options.redact_sql:
-            from ..sqltext import redact
-
-            for row in matched:
-                row["query"] = redact(row["query"]) if row["query"] else row["query"]
+        for row in matched:
+            if row["query"]:
+                row["query"] = mask_passwords(row["query"])
+                row["query"] = redact(row["query"]) if options.redact_sql else row["query"]
         _warn_hidden(conn, dsn)
         if not options.execute:
             _show_plan(filters, matched, options.format, dry_run=True)

@@ -13,6 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from cli_terminal import run_in_terminal
 
 from server_helpers import cli, ensure_role
 
@@ -182,3 +183,20 @@ def test_a_bad_state_is_one_line() -> None:
     assert line.startswith(
         "pgleakguard terminate: error: argument --state: invalid choice: 'sleepy'"
     )
+
+
+def test_sql_copied_from_an_80_column_terminal_is_the_sql_printed(pg_dsn: str) -> None:
+    code, shown = run_in_terminal("terminate", "--dsn", pg_dsn, "--idle-for", "10m")
+    assert code == 0, shown
+    lines = shown.splitlines()
+    assert "Sessions it would end (0)" in lines
+    assert any("┃ backend ┃" in ln for ln in lines)  # rich drew the table: the terminal path
+    # Longer than 80 columns, yet each reaches the terminal as one line: no '(aborted)' left
+    # alone on a line of its own, no literal split in two.
+    for line in (
+        "      -- state is one of: idle, idle in transaction, idle in transaction (aborted)",
+        "      AND a.state IN ('idle', 'idle in transaction', 'idle in transaction (aborted)')",
+        "      AND NOT EXISTS (SELECT 1 FROM pg_roles AS r WHERE r.oid = a.usesysid AND "
+        "r.rolsuper)",
+    ):
+        assert len(line) > 80 and line in lines, shown

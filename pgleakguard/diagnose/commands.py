@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from . import analysis, report, snapshot
 from .model import ServerSettings, Session, Setting
 from .recommend import TooLittleMemory
-from .render import Block, to_markdown, to_rich, to_text
+from .render import Block, print_rich, to_markdown, to_text
 from .units import to_epoch
 
 if TYPE_CHECKING:
@@ -83,9 +83,9 @@ def emit(blocks: Sequence[Block], fmt: str, document: Any = None) -> None:
     elif fmt == "markdown":
         sys.stdout.write(to_markdown(blocks))
     elif sys.stdout.isatty() and _has_rich():
-        from rich.console import Console, Group
+        from rich.console import Console
 
-        Console().print(Group(*to_rich(blocks)))
+        print_rich(blocks, Console())
     else:
         sys.stdout.write(to_text(blocks))
 

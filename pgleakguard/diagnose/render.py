@@ -27,12 +27,14 @@ class Text:
 
 @dataclasses.dataclass(frozen=True)
 class Table:
-    """Rows of cells under column names; ``numeric`` columns are right-aligned."""
+    """Rows of cells under column names; ``numeric`` columns are right-aligned, ``no_wrap``
+    ones are kept on one line on a terminal (cut with an ellipsis if they must be)."""
 
     columns: Sequence[str]
     rows: Sequence[Sequence[str]]
     numeric: frozenset[int] = frozenset()
     title: str | None = None
+    no_wrap: frozenset[int] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +145,11 @@ def to_rich(blocks: Sequence[Block]) -> list[Any]:
             title = RichText(block.title) if block.title else None
             table = RichTable(title=title, title_justify="left", header_style="bold")
             for i, name in enumerate(block.columns):
-                table.add_column(name, justify="right" if i in block.numeric else "left")
+                table.add_column(
+                    name,
+                    justify="right" if i in block.numeric else "left",
+                    no_wrap=i in block.no_wrap,
+                )
             for row in block.rows:
                 table.add_row(*(RichText(cell) for cell in row))
             out.append(table)

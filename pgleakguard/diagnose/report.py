@@ -170,11 +170,15 @@ def capacity_line(diag: Diagnosis) -> str:
     if reserved is not None:
         parts.append(f"reserved_connections {reserved}")
     assumed = f"; assumed: {', '.join(settings.assumed)}" if settings.assumed else ""
+    slots = f"max_connections {total} - {settings.reserved} reserved ({', '.join(parts)})"
+    if diag.total > usable:
+        # Only superusers (and pg_use_reserved_connections members) get past the usable slots.
+        return (
+            f"{diag.total} client sessions: all {usable} usable slots taken and "
+            f"{diag.total - usable} of the {settings.reserved} reserved ones: {slots}{assumed}"
+        )
     pct = 100 * diag.total / usable if usable else 100.0
-    return (
-        f"{diag.total} client sessions of {usable} usable slots ({pct:.0f}%): "
-        f"max_connections {total} - {settings.reserved} reserved ({', '.join(parts)}){assumed}"
-    )
+    return f"{diag.total} client sessions of {usable} usable slots ({pct:.0f}%): {slots}{assumed}"
 
 
 def summary_blocks(diag: Diagnosis, command: str = "diagnose") -> list[Block]:

@@ -81,23 +81,22 @@ def _assert_suspect(lines: list[str], leaker: Leaker) -> None:
 
 
 @contextmanager
-def idle_sessions(dsn: str, count: int) -> Iterator[None]:
+def idle_in_transaction(dsn: str, count: int) -> Iterator[None]:
+    """``count`` sessions left idle in a transaction (younger suspects than the leaker's)."""
     with ExitStack() as stack:
         for _ in range(count):
-            stack.enter_context(psycopg.connect(dsn, autocommit=True)).execute("SELECT 1")
+            stack.enter_context(psycopg.connect(dsn)).execute("SELECT 1")
         yield
 
 
 def test_on_an_80x24_terminal_the_suspects_are_on_screen(pg_dsn: str) -> None:
-    with leaking_program(pg_dsn) as leaker, idle_sessions(pg_dsn, 12):
+    with leaking_program(pg_dsn) as leaker, idle_in_transaction(pg_dsn, 14):
         watch = CliProcess(
             "watch",
             "--dsn",
             pg_dsn,
             "--interval",
             "0.5",
-            "--idle-threshold",
-            "0s",
             "--idle-in-transaction-threshold",
             "0s",
             terminal=(80, 24),
@@ -110,12 +109,15 @@ def test_on_an_80x24_terminal_the_suspects_are_on_screen(pg_dsn: str) -> None:
             code = watch.finish()
     assert code == 0, watch.text
     first = watch.text[watch.text.rfind("pgleakguard watch: ", 0, at) : end].splitlines()
-    # 16 suspects or more, cut to what fits under the summary, with the way to see them all.
+    # 16 suspects, the leaker's two the longest, cut to what fits under the summary, with the
+    # way to see them all.
     footer = r"\.\.\. and \d+ more \(pgleakguard diagnose --format json lists them all\)"
     assert any(re.fullmatch(footer, ln) for ln in first), first
     rows = [[c.strip() for c in ln.strip("│").split("│")] for ln in first if ln.startswith("│")]
     pid = str(leaker.backends["in_transaction"])
-    [row] = [r for r in rows if r[0] == pid]
+    matching = [r for r in rows if r[0] == pid]
+    assert len(matching) == 1, "\n".join(first)
+    [row] = matching
     # The call-site is whole (never wrapped) on an 80-column terminal.
     assert row[3:6] == ["billing", str(leaker.pid), f"leaker.py:{leaker_line('in-transaction')}"]
     assert len(first) <= 24  # the frame, cut by rich at the terminal's height

@@ -221,6 +221,10 @@ def connect(
 
     try:
         params = conninfo_to_dict(dsn)
+    except UnicodeDecodeError:  # psycopg decodes what libpq parsed: %ff is no UTF-8
+        raise ServerError(
+            f"bad DSN '{redact_dsn(dsn)}': a percent-encoded value is not UTF-8"
+        ) from None
     except pg.Error as exc:
         raise ServerError(scrub(f"bad DSN '{redact_dsn(dsn)}': {exc}", dsn)) from None
     kwargs: dict[str, Any] = {"autocommit": True, "connect_timeout": max(1, int(timeout))}
@@ -228,6 +232,9 @@ def connect(
         kwargs["application_name"] = f"pgleakguard-{purpose}"
     try:
         conn: psycopg.Connection[Any] = pg.connect(dsn, **kwargs)
+    except UnicodeError as exc:  # the host name, IDNA-encoded for the resolver
+        message = scrub(f"cannot connect to {redact_dsn(dsn)}: bad host name ({exc})", dsn)
+        raise ServerError(message) from None
     except pg.Error as exc:
         message = scrub(f"cannot connect to {redact_dsn(dsn)}: {exc}", dsn)
         raise ServerError(message, full_server_hint(message)) from None

@@ -294,6 +294,8 @@ DSN_JUNK = st.text(alphabet="@:/?#[]%'\" \\=&,.ab01", max_size=6)
 @FUZZ
 @given(st.sampled_from(DSN_TEMPLATES), DSN_JUNK, DSN_JUNK)
 @example(DSN_TEMPLATES[2], ":", "")  # urlsplit's "Invalid IPv6 URL" printed a traceback
+@example(DSN_TEMPLATES[0], "%a0", "")  # psycopg's UnicodeDecodeError printed a traceback
+@example(DSN_TEMPLATES[2], ".]", "")  # host "." failed IDNA encoding: a traceback
 def test_dsn_values_never_show_the_password(template: str, junk: str, junk2: str) -> None:
     dsn = template.format(pw=SENTINEL, junk=junk, junk2=junk2)
     code, out, err = run_cli("diagnose", f"--dsn={dsn}", "--format", "json")

@@ -8,7 +8,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ..server import scrub
 from ..sqltext import mask_passwords, redact
 from .commands import CommandError, dsn_of, emit, psycopg_error
 from .render import Block, Code, Heading, Table, Text, to_text
@@ -92,7 +91,7 @@ def _end_each(conn: Any, filters: Filters, matched: Sequence[dict[str, Any]], ds
             continue
         except psycopg.Error as exc:
             so_far = ", ".join(map(str, outcome.ended)) or "none"
-            raise CommandError(f"{scrub(str(exc), dsn)} (ended before that: {so_far})") from None
+            raise CommandError(f"{psycopg_error(exc, dsn)} (ended before that: {so_far})") from None
         if rows and rows[0][-1]:
             outcome.ended.append(pid)
     return outcome

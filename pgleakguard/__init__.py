@@ -32,7 +32,7 @@ if TYPE_CHECKING:
         ReturnedEvent,
     )
     from .integrations import DidNotEnable
-    from .server import Correlation, correlate
+    from .server import Correlation, ServerError, correlate
 
 # Where each public name lives: module -> names.
 _HOMES = {
@@ -42,7 +42,7 @@ _HOMES = {
     "events": "GARBAGE_COLLECTED HELD_TOO_LONG IDLE_IN_TRANSACTION LEAK_KINDS NEVER_CLOSED "
     "OWNER_EXITED SCOPE_ENDED CheckoutInfo Event LeakEvent ReturnedEvent",
     "integrations": "DidNotEnable",
-    "server": "Correlation correlate",
+    "server": "Correlation ServerError correlate",
 }
 _HOME = {name: module for module, names in _HOMES.items() for name in names.split()}
 
@@ -62,6 +62,7 @@ __all__ = [
     "Event",
     "LeakEvent",
     "ReturnedEvent",
+    "ServerError",
     "__version__",
     "check",
     "correlate",

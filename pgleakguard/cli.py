@@ -51,6 +51,19 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+#: Shortest ``watch --interval``: each refresh runs a handful of queries on the server.
+_MIN_INTERVAL = 0.5
+
+
+def _interval(text: str) -> float:
+    seconds = _duration(text)
+    if seconds < _MIN_INTERVAL:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is less than {_MIN_INTERVAL}s (each refresh queries the server)"
+        )
+    return seconds
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
@@ -221,7 +234,11 @@ def _server_parsers(sub: Any) -> None:
     )
     watch.add_argument("--dsn", help=_DSN_HELP)
     watch.add_argument(
-        "--interval", type=_duration, default=2.0, metavar="SECONDS", help="default 2"
+        "--interval",
+        type=_interval,
+        default=2.0,
+        metavar="DURATION",
+        help="seconds between refreshes, at least 0.5 (default 2)",
     )
     watch.add_argument("--once", action="store_true", help="print one frame and exit")
     _add_thresholds(watch)

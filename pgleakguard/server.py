@@ -8,12 +8,14 @@ output or log.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from .events import CheckoutInfo, Event, LeakEvent
 
@@ -93,45 +95,114 @@ ROW_FIELDS = (
     "query",
 )
 
-_KV_PASSWORD = re.compile(r"(?i)\bpassword\s*=\s*('(?:[^'\\]|\\.)*'|\S+)")
+#: ``password=value`` (also ``sslpassword``, or a misspelt key ending in "password") in a
+#: key=value DSN, a URI query or an error message; the value quoted ('...' with backslash
+#: escapes, maybe unterminated) or bare.
+_KV_PASSWORD = re.compile(r"(?i)\w*password\s*=\s*('(?:[^'\\]|\\.)*(?:'|\Z)|(?:\\.|\S)+)")
+#: ``scheme://user:secret@``: everything from the first ':' of the user info to the last '@'
+#: of the word, so a password holding unencoded '@', '/' or ':' is covered whole.
+_URI_PASSWORD = re.compile(r"([\w+.-]*://[^\s:/@]*):\S*@")
+#: The same in a DSN, where nothing else follows: the password may hold spaces too.
+_DSN_URI_PASSWORD = re.compile(r"(?s)([\w+.-]*://[^\s:/@]*):.*@")
+#: ``?password=...`` / ``&sslpassword=...`` in a URI's query, with the '&' after it.
+_QUERY_PASSWORD = re.compile(r"(?i)([?&])(?:ssl)?password=[^&\s]*&?")
+_TRAILING_SEPARATOR = re.compile(r"[?&](?=\s|\Z)")
+_URI_PREFIX = re.compile(r"^(?:postgresql|postgres)://")
+#: Where libpq cuts a URI into user, password, host, port, dbname and parameters: a password
+#: holding one of these unencoded is read in pieces, and an error may quote a piece.
+_URI_DELIMITERS = re.compile(r"[@/:?#,&=\[\]\s]")
+#: libpq's "missing "=" after "TOKEN"": the token may be the tail of an unquoted password.
+_MISSING_EQUALS = re.compile(r'(missing "=" after )"[^"]*"')
 
 
 class ServerError(Exception):
-    """Talking to the server failed; the message is one line and holds no password."""
+    """Talking to the server failed; the message is one line and holds no password.
+
+    ``hint``, when set, is one more line saying what to do about it.
+    """
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
 
 
 def redact_dsn(dsn: str) -> str:
-    """``dsn`` with any password removed (URI and ``key=value`` forms)."""
-    if "://" not in dsn:
-        return " ".join(_KV_PASSWORD.sub("", dsn).split())
+    """``dsn`` with any password removed (URI and ``key=value`` forms).
+
+    Never raises: a DSN too malformed to parse has every ``user:...@`` and ``password=...``
+    cut out by pattern, so not even a broken DSN shows its password.
+    """
+    shown = dsn
+    if _URI_PREFIX.match(dsn) and not _ambiguous_userinfo(dsn):
+        with contextlib.suppress(ValueError):  # urlsplit: "Invalid IPv6 URL" and friends
+            shown = _redact_uri(dsn)
+    return _mask(_DSN_URI_PASSWORD.sub(r"\1@", shown))
+
+
+def _ambiguous_userinfo(uri: str) -> bool:
+    # A password holding an unencoded '@', '/', '?' or '#': where libpq or urlsplit end it is
+    # not where the user meant it to end, so everything up to the last '@' is the password.
+    rest = uri.split("://", 1)[1]
+    userinfo = rest[: rest.rfind("@")] if "@" in rest else ""
+    return any(ch in userinfo for ch in "@/?#")
+
+
+def _redact_uri(dsn: str) -> str:
     parts = urlsplit(dsn)
     netloc = parts.netloc
     if "@" in netloc:
         userinfo, _, hosts = netloc.rpartition("@")
         user = userinfo.split(":", 1)[0]
         netloc = f"{user}@{hosts}" if user else hosts
-    query = [(k, v) for k, v in parse_qsl(parts.query) if k.lower() != "password"]
+    query = [(k, v) for k, v in parse_qsl(parts.query) if not _is_password_key(k)]
     return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query, safe="/"), ""))
 
 
-def _password_of(dsn: str) -> str | None:
-    if "://" in dsn:
-        parts = urlsplit(dsn)
-        for key, value in parse_qsl(parts.query):
-            if key.lower() == "password":
-                return value
-        return parts.password
-    m = _KV_PASSWORD.search(dsn)
-    return m.group(1).strip("'") if m else None
+def _is_password_key(key: str) -> bool:
+    return key.lower() in ("password", "sslpassword")
+
+
+def _mask(text: str) -> str:
+    """``text`` without URI passwords and ``password=`` values, spaces normalised."""
+    text = _URI_PASSWORD.sub(r"\1@", text)
+    text = _TRAILING_SEPARATOR.sub("", _QUERY_PASSWORD.sub(r"\1", text))
+    return " ".join(_KV_PASSWORD.sub("", text).split())
+
+
+def _secrets(dsn: str) -> set[str]:
+    """Every string of ``dsn`` that may be its password, as written and percent-decoded."""
+    found: set[str] = set()
+    for m in _KV_PASSWORD.finditer(dsn):
+        value = m.group(1)
+        found.add(value)
+        if value.startswith("'"):
+            found.add(re.sub(r"\\(.)", r"\1", value[1:].removesuffix("'")))
+    for m in _DSN_URI_PASSWORD.finditer(dsn):
+        secret = m.group(0)[len(m.group(1)) + 1 : -1]
+        found.add(secret)
+        # libpq may have read a password with an unencoded delimiter as host, port or dbname.
+        found.update(p for p in _URI_DELIMITERS.split(secret) if len(p) >= 3)
+    if _URI_PREFIX.match(dsn):
+        with contextlib.suppress(ValueError):
+            parts = urlsplit(dsn)
+            found.update(v for k, v in parse_qsl(parts.query) if _is_password_key(k))
+            found.add(parts.password or "")
+    found |= {unquote(s) for s in found}
+    found.discard("")
+    return found
 
 
 def scrub(message: str, dsn: str) -> str:
-    """An error message on one line, with the DSN's password (if any) masked."""
-    password = _password_of(dsn)
+    """An error message on one line, with the DSN's password (if any) masked.
+
+    Whatever ``dsn`` looks like: the DSN itself is shown redacted, and every string that may
+    be its password (or a piece libpq read as host or port) becomes ``***``.
+    """
     text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
-    if password:
-        text = text.replace(password, "***")
-    return text
+    text = text.replace(" ".join(dsn.split()), redact_dsn(dsn)) if dsn.strip() else text
+    for secret in sorted(_secrets(dsn), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return _mask(_MISSING_EQUALS.sub(r'\1"***"', text))
 
 
 def _psycopg() -> Any:
@@ -156,15 +227,23 @@ def connect(
 
     try:
         params = conninfo_to_dict(dsn)
+    except UnicodeDecodeError:  # psycopg decodes what libpq parsed: %ff is no UTF-8
+        raise ServerError(
+            f"bad DSN '{redact_dsn(dsn)}': a percent-encoded value is not UTF-8"
+        ) from None
     except pg.Error as exc:
-        raise ServerError(f"bad DSN {redact_dsn(dsn)!r}: {scrub(str(exc), dsn)}") from None
+        raise ServerError(scrub(f"bad DSN '{redact_dsn(dsn)}': {exc}", dsn)) from None
     kwargs: dict[str, Any] = {"autocommit": True, "connect_timeout": max(1, int(timeout))}
     if "application_name" not in params:
         kwargs["application_name"] = f"pgleakguard-{purpose}"
     try:
         conn: psycopg.Connection[Any] = pg.connect(dsn, **kwargs)
+    except UnicodeError as exc:  # the host name, IDNA-encoded for the resolver
+        message = scrub(f"cannot connect to {redact_dsn(dsn)}: bad host name ({exc})", dsn)
+        raise ServerError(message) from None
     except pg.Error as exc:
-        raise ServerError(f"cannot connect to {redact_dsn(dsn)}: {scrub(str(exc), dsn)}") from None
+        message = scrub(f"cannot connect to {redact_dsn(dsn)}: {exc}", dsn)
+        raise ServerError(message, full_server_hint(message)) from None
     _untrack(conn)
     try:
         conn.execute(f"SET statement_timeout = {int(statement_timeout * 1000)}")
@@ -172,6 +251,28 @@ def connect(
         conn.close()
         raise ServerError(scrub(str(exc), dsn)) from None
     return conn
+
+
+#: What PostgreSQL says when every slot an ordinary role may use is taken (SQLSTATE 53300).
+_SERVER_FULL = ("too many clients already", "remaining connection slots are reserved")
+
+#: How a superuser exports the sessions for ``diagnose --snapshot`` (the file's ``now`` column
+#: dates it).
+SNAPSHOT_EXPORT = (
+    "psql -X -c \"\\copy (select now(), * from pg_stat_activity) to 'activity.csv' csv header\""
+)
+
+
+def full_server_hint(message: str) -> str | None:
+    """For a "server is full" connection error: how to get in anyway (else ``None``)."""
+    if not any(text in message for text in _SERVER_FULL):
+        return None
+    return (
+        "every slot this role may use is taken: connect as a superuser (they have the "
+        "superuser_reserved_connections slots) or, on PostgreSQL 16+, as a role granted "
+        "pg_use_reserved_connections (reserved_connections slots); or have a superuser run "
+        f"{SNAPSHOT_EXPORT} and then: pgleakguard diagnose --snapshot activity.csv"
+    )
 
 
 def _untrack(conn: Any) -> None:
@@ -231,12 +332,19 @@ def activity_sql(version_num: int, *, client_backends_only: bool = True) -> str:
 def read_activity(
     conn: psycopg.Connection[Any], version_num: int, *, client_backends_only: bool = True
 ) -> list[dict[str, Any]]:
-    """pg_stat_activity rows as dicts keyed by column name (see :func:`activity_sql`)."""
+    """pg_stat_activity rows as dicts keyed by column name (see :func:`activity_sql`), with
+    the passwords in their queries masked (:func:`pgleakguard.sqltext.mask_passwords`)."""
     from psycopg.rows import dict_row
+
+    from .sqltext import mask_passwords
 
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(activity_sql(version_num, client_backends_only=client_backends_only))
-        return cur.fetchall()
+        rows = cur.fetchall()
+    for row in rows:
+        if row["query"]:
+            row["query"] = mask_passwords(row["query"])
+    return rows
 
 
 def whoami(conn: psycopg.Connection[Any]) -> tuple[str, int]:
@@ -408,26 +516,57 @@ def sql_policy() -> tuple[int, bool]:
 def correlate(connection_or_dsn: Any) -> list[Correlation]:
     """Pair each open checkout of this process with its pg_stat_activity row, by backend pid.
 
-    Give a DSN (a connection is opened and closed) or a psycopg connection (used as it is;
-    a transaction it had to open is rolled back, one already open is left alone). Oldest
-    checkout first; ``activity`` is ``None`` for a checkout whose backend the server does not
-    list. Raises :class:`ServerError` when the server cannot be read.
+    Give a DSN or a SQLAlchemy Engine (pgleakguard opens and closes its own connection, so a
+    full pool does not matter), or a psycopg connection or a SQLAlchemy Connection whose
+    driver is psycopg (used as it is; a transaction it had to open is rolled back, one already
+    open is left alone). Oldest checkout first; ``activity`` is ``None`` for a checkout whose
+    backend the server does not list. Raises :class:`ServerError` when the server cannot be
+    read, :class:`TypeError` for anything else than those four.
     """
     from ._runtime import open_checkouts
 
+    pg = _psycopg()
+    target = _correlation_target(pg, connection_or_dsn)
     checkouts = open_checkouts()
     pids = sorted({c.backend_pid for c in checkouts if c.backend_pid is not None})
-    pg = _psycopg()
     policy = sql_policy()
-    if isinstance(connection_or_dsn, str):
-        conn = connect(connection_or_dsn, purpose="correlate")
+    if isinstance(target, str):
+        conn = connect(target, purpose="correlate")
         try:
             rows = activity_rows(conn, pids, *policy)
+        except pg.Error as exc:
+            raise ServerError(scrub(str(exc), target)) from None
         finally:
             conn.close()
     else:
-        rows = _rows_on_user_connection(pg, connection_or_dsn, pids, policy)
+        rows = _rows_on_user_connection(pg, target, pids, policy)
     return [Correlation(c, rows.get(c.backend_pid) if c.backend_pid else None) for c in checkouts]
+
+
+def _correlation_target(pg: Any, given: Any) -> Any:
+    """A DSN or a psycopg connection for what :func:`correlate` was given."""
+    if isinstance(given, (str, pg.Connection)):
+        return given
+    if "sqlalchemy" in sys.modules:
+        from sqlalchemy.engine import Connection, Engine
+
+        engine = getattr(given, "sync_engine", given)  # an AsyncEngine's Engine
+        if isinstance(engine, Engine):
+            # Any PostgreSQL driver: pgleakguard connects with psycopg to the engine's URL.
+            url = engine.url.set(drivername="postgresql")
+            return url.render_as_string(hide_password=False)
+        if isinstance(given, Connection):
+            driver = given.connection.driver_connection
+            if isinstance(driver, pg.Connection):
+                return driver
+            raise TypeError(
+                "correlate() takes a SQLAlchemy Connection only with the psycopg driver "
+                f"(postgresql+psycopg://), not {type(driver).__name__}: pass its Engine instead"
+            )
+    raise TypeError(
+        "correlate() takes a DSN, a psycopg connection, or a SQLAlchemy Engine or Connection, "
+        f"not {type(given).__name__}"
+    )
 
 
 def _rows_on_user_connection(

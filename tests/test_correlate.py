@@ -112,3 +112,73 @@ def test_activity_dsn_is_not_shown_by_repr() -> None:
     config = pgleakguard.Config.load(activity_dsn="postgresql://app:s3cret@db/prod")
     assert config.activity_dsn == "postgresql://app:s3cret@db/prod"
     assert "s3cret" not in repr(config)
+
+
+def test_correlate_takes_a_sqlalchemy_connection_engine_or_async_engine(
+    pg_dsn: str, events: EventLog
+) -> None:
+    import asyncio
+
+    import sqlalchemy as sa
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = sa.create_engine("postgresql+psycopg" + pg_dsn[len("postgresql") :])
+    async_engine = create_async_engine("postgresql+asyncpg" + pg_dsn[len("postgresql") :])
+    held = psycopg.connect(pg_dsn)
+    held.execute("SELECT 'held'")
+    try:
+        with engine.connect() as busy, engine.connect() as other:
+            busy.execute(sa.text("SELECT 'via sqlalchemy'"))
+            busy_driver: Any = busy.connection.driver_connection
+            other_driver: Any = other.connection.driver_connection
+            pid = busy_driver.info.backend_pid
+            for given in (other, engine, async_engine):
+                rows: Any = {
+                    p.checkout.backend_pid: p.activity for p in pgleakguard.correlate(given)
+                }
+                assert rows[held.info.backend_pid]["query"] == "SELECT 'held'"
+                assert rows[pid]["query"] == "SELECT 'via sqlalchemy'"
+                assert rows[pid]["state"] == "idle in transaction"
+            # A transaction correlate() had to open is rolled back; one already open stays.
+            assert not other.in_transaction()
+            assert other_driver.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            pgleakguard.correlate(busy)
+            assert busy.in_transaction()
+            assert busy_driver.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+    finally:
+        held.close()
+        engine.dispose()
+        asyncio.run(async_engine.dispose())
+
+
+def test_correlate_refuses_anything_else_in_one_line(events: EventLog) -> None:
+    import sqlite3
+
+    with pytest.raises(TypeError) as raised:
+        pgleakguard.correlate(sqlite3.connect(":memory:"))
+    assert str(raised.value) == (
+        "correlate() takes a DSN, a psycopg connection, or a SQLAlchemy Engine or Connection, "
+        "not Connection"
+    )
+
+
+def test_correlate_names_the_driver_of_a_sqlalchemy_connection_it_cannot_use(
+    pg_dsn: str, events: EventLog
+) -> None:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine("postgresql+psycopg2" + pg_dsn[len("postgresql") :])
+    try:
+        with engine.connect() as sa_conn, pytest.raises(TypeError) as raised:
+            pgleakguard.correlate(sa_conn)
+        assert str(raised.value) == (
+            "correlate() takes a SQLAlchemy Connection only with the psycopg driver "
+            "(postgresql+psycopg://), not connection: pass its Engine instead"
+        )
+    finally:
+        engine.dispose()
+
+
+def test_server_error_is_exported() -> None:
+    assert pgleakguard.ServerError is server.ServerError
+    assert "ServerError" in pgleakguard.__all__

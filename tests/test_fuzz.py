@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from pgleakguard import cli
@@ -270,3 +270,81 @@ def test_config_environment_values(name: str, value: str) -> None:
 def test_config_unknown_option_is_a_type_error_naming_it(name: str) -> None:
     with pytest.raises(TypeError, match="unknown option"):
         Config.load(environ={}, **{name: 1})
+
+
+# -- DSNs -------------------------------------------------------------------------------------
+
+SENTINEL = "Sentinel-pw-4c1d"
+#: Where the sentinel password sits, with junk around it; every host is a socket directory that
+#: does not exist, so nothing connects and nothing waits on the network.
+DSN_TEMPLATES = [
+    "postgresql://u:{pw}{junk}@/db?host=/nonexistent-pgl",
+    "postgresql://u:{junk}{pw}@{junk2}/db?host=/nonexistent-pgl",
+    "postgresql://u:{pw}@[{junk}/db",
+    "postgresql://u@/db?host=/nonexistent-pgl&password={pw}{junk}",
+    "postgresql://u@/db?host=/nonexistent-pgl&{junk}sslpassword={pw}",
+    "host=/nonexistent-pgl password={pw}{junk}",
+    "host=/nonexistent-pgl password='{pw}{junk}",
+    "host=/nonexistent-pgl {junk}password = '{pw}' {junk2}",
+    "{junk}postgresql://u:{pw}@/db?host=/nonexistent-pgl",
+]
+DSN_JUNK = st.text(alphabet="@:/?#[]%'\" \\=&,.ab01", max_size=6)
+
+
+@FUZZ
+@given(st.sampled_from(DSN_TEMPLATES), DSN_JUNK, DSN_JUNK)
+@example(DSN_TEMPLATES[2], ":", "")  # urlsplit's "Invalid IPv6 URL" printed a traceback
+@example(DSN_TEMPLATES[0], "%a0", "")  # psycopg's UnicodeDecodeError printed a traceback
+@example(DSN_TEMPLATES[2], ".]", "")  # host "." failed IDNA encoding: a traceback
+def test_dsn_values_never_show_the_password(template: str, junk: str, junk2: str) -> None:
+    dsn = template.format(pw=SENTINEL, junk=junk, junk2=junk2)
+    code, out, err = run_cli("diagnose", f"--dsn={dsn}", "--format", "json")
+    assert code == 2, (code, err)
+    assert err.startswith("pgleakguard: error: ") and len(err.splitlines()) == 1, err
+    assert SENTINEL not in out + err
+
+
+# -- literals in SQL --------------------------------------------------------------------------
+
+_NUMBERS = st.from_regex(
+    r"0[xX][0-9a-fA-F](_?[0-9a-fA-F]){0,8}|0[oO][0-7](_?[0-7]){0,8}|0[bB][01](_?[01]){0,8}"
+    r"|[0-9](_?[0-9]){0,12}(\.([0-9](_?[0-9]){0,4})?)?([eE][+-]?[0-9]{1,3})?"
+    r"|\.[0-9]{1,4}([eE][+-]?[0-9]{1,3})?",
+    fullmatch=True,
+)
+
+
+@st.composite
+def sql_literals(draw: Any) -> str:
+    """A PostgreSQL literal holding random text, in any of its spellings."""
+    form = draw(st.sampled_from(["plain", "escape", "unicode", "dollar", "tagged", "number"]))
+    if form == "number":
+        return str(draw(_NUMBERS))
+    text = draw(st.text(max_size=30).filter(lambda t: "\0" not in t))
+    if form == "plain":
+        return "'" + text.replace("'", "''") + "'"
+    if form == "unicode":
+        return "U&'" + text.replace("'", "''") + "'"
+    if form == "escape":
+        return "E'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    tag = "$$" if form == "dollar" else "$Tag_1$"
+    # A dollar-quoted body ends at the first delimiter: text that would end it early is not
+    # a literal PostgreSQL would read.
+    assume((text + tag).find(tag) == len(text))
+    return tag + text + tag
+
+
+@FUZZ
+@given(sql_literals(), sql_literals(), sql_literals())
+@example("'C:\\'", "'secret-token'", "1")  # a backslash escaped the quote: the token survived
+@example("0xDEADBEEF", "4111_1111_1111_1111", "1.5e10")
+def test_no_literal_survives_redaction(first: str, second: str, third: str) -> None:
+    from pgleakguard.sqltext import redact
+
+    query = (
+        f"SELECT {first} AS a, f({second}), $1 FROM t1 WHERE c = {third}\n"
+        "/*callsite='orders.py:42',service='billing'*/"
+    )
+    assert redact(query) == (
+        "SELECT ? AS a, f(?), $1 FROM t1 WHERE c = ?\n/*callsite='orders.py:42',service='billing'*/"
+    )

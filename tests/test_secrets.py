@@ -26,23 +26,36 @@ import pgleakguard
 from pgleakguard import _safety
 
 from conftest import EventLog
+from server_helpers import ensure_role
 
 SENTINEL = "Sentinel-pw-4c1d"
+#: A password with every character a DSN treats specially; each piece between them is
+#: searched for, so a password cut at a delimiter cannot slip through either.
+PIECES = ("Kiwi7", "Mango8", "Papaya9", "Lychee0", "Quince1", "Ugli2", "Yuzu3")
+SPECIAL = "Kiwi7@Mango8:Papaya9/Lychee0'Quince1\"Ugli2%40Yuzu3\\?#&= end"
 
 
-def forms(pg_dsn: str) -> dict[str, str]:
-    """The sentinel password in each DSN form: URL, key=value (plain and quoted)."""
+def forms(pg_dsn: str, password: str = SENTINEL) -> dict[str, str]:
+    """The password in each DSN form: URL (percent-encoded), key=value (plain and quoted)."""
     params = {k: v for k, v in conninfo_to_dict(pg_dsn).items() if k != "password"}
     host = str(params.get("host", ""))
     user = params.get("user") or "postgres"
     db = params.get("dbname") or "postgres"
     port = f"&port={params['port']}" if params.get("port") else ""
+    encoded = quote(password, safe="")
     return {
-        "url": f"postgresql://{user}:{SENTINEL}@/{db}?host={quote(host, safe='')}{port}",
-        "keyvalue": make_conninfo(**params, password=SENTINEL),
-        "quoted": make_conninfo(**params) + f" password='{SENTINEL} x'",
+        "url": f"postgresql://{user}:{encoded}@/{db}?host={quote(host, safe='')}{port}",
+        "keyvalue": make_conninfo(**params, password=password),
+        "quoted": make_conninfo(**params) + f" password='{password} x'",
         "plain": make_conninfo(**params),
+        "url-query": f"postgresql://{user}@/{db}?host={quote(host, safe='')}{port}"
+        f"&password={encoded}",
     }
+
+
+def secrets_in(text: str) -> list[str]:
+    """The sentinel and the special password's pieces that appear in ``text``."""
+    return [s for s in (SENTINEL, *PIECES) if s in text]
 
 
 class Captured:
@@ -57,7 +70,7 @@ class Captured:
     def assert_clean(self) -> None:
         text = "\n".join(self.parts)
         assert text.strip(), "nothing was captured: the test checks nothing"
-        where = [p.splitlines()[0] for p in self.parts if SENTINEL in p]
+        where = [p.splitlines()[0] for p in self.parts if secrets_in(p)]
         assert not where, f"the password appeared in: {where}"
 
 
@@ -173,10 +186,20 @@ CLI_CASES = [
 ]
 
 
-@pytest.mark.parametrize("form", ["url", "keyvalue", "quoted"])
-def test_cli_output_never_shows_the_password(pg_dsn: str, form: str) -> None:
-    dsn = forms(pg_dsn)[form]
-    unreachable = dsn.replace("host=", "port=1&host=") if form == "url" else dsn + " port=1"
+@pytest.mark.parametrize(
+    ("form", "password"),
+    [
+        ("url", SENTINEL),
+        ("keyvalue", SENTINEL),
+        ("quoted", SENTINEL),
+        ("url", SPECIAL),
+        ("url-query", SPECIAL),
+        ("keyvalue", SPECIAL),
+    ],
+)
+def test_cli_output_never_shows_the_password(pg_dsn: str, form: str, password: str) -> None:
+    dsn = forms(pg_dsn, password)[form]
+    unreachable = dsn.replace("host=", "port=1&host=") if "://" in dsn else dsn + " port=1"
     seen = []
     for args in CLI_CASES:
         for target, code in ((dsn, 0), (unreachable, 2)):
@@ -186,11 +209,12 @@ def test_cli_output_never_shows_the_password(pg_dsn: str, form: str) -> None:
             if code == 2:
                 assert proc.stderr.startswith("pgleakguard: error: cannot connect to "), proc.stderr
                 assert len(proc.stderr.splitlines()) == 1
-    env_proc = cli("diagnose", "--format", "json", env_dsn=dsn)
-    assert env_proc.returncode == 0, env_proc.stderr
-    seen.append(env_proc.stdout + env_proc.stderr)
-    assert all(SENTINEL not in text for text in seen)
-    assert sum('"version": 1' in text for text in seen) >= 3  # the real commands ran
+        # The same through $PGLEAKGUARD_DSN (what keeps the password out of `ps`).
+        env_proc = cli(*args, env_dsn=dsn)
+        assert env_proc.returncode == 0, (args, env_proc.stderr)
+        seen.append(env_proc.stdout + env_proc.stderr)
+    assert [secrets_in(text) for text in seen] == [[]] * len(seen)
+    assert sum('"version": 1' in text for text in seen) >= 6  # the real commands ran
 
 
 def cli(*args: str, env_dsn: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -214,6 +238,84 @@ def test_a_malformed_dsn_is_one_line_without_the_password() -> None:
     assert proc.stderr.startswith("pgleakguard: error: bad DSN ")
     assert len(proc.stderr.splitlines()) == 1
     assert SENTINEL not in proc.stdout + proc.stderr
+
+
+#: DSNs libpq or urllib cannot parse (or parse other than meant), and their one line.
+MALFORMED = {
+    f"postgresql://u:{SENTINEL}@[::1/db": "pgleakguard: error: bad DSN 'postgresql://u@[::1/db': "
+    'end of string reached when looking for matching "]" in IPv6 host address in URI: '
+    '"postgresql://u@[::1/db"',
+    f"postgresql://u:{SENTINEL}%zz@/db?host=/nowhere": "pgleakguard: error: bad DSN "
+    "'postgresql://u@/db?host=/nowhere': invalid percent-encoded token: \"***\"",
+    f"host=/nowhere password='{SENTINEL}": "pgleakguard: error: bad DSN 'host=/nowhere': "
+    "unterminated quoted string in connection info string",
+    f"host=/nowhere password={SENTINEL} x-{SENTINEL}": "pgleakguard: error: bad DSN "
+    '\'host=/nowhere x-***\': missing "=" after "***" in connection info string',
+    f" postgresql://u:{SENTINEL}@/db": "pgleakguard: error: bad DSN 'postgresql://u@/db': "
+    'missing "=" after "***" in connection info string',
+}
+
+
+@pytest.mark.parametrize("dsn", MALFORMED)
+def test_a_malformed_url_is_one_line_without_the_password(dsn: str) -> None:
+    for args in (("diagnose",), ("watch", "--once"), ("terminate", "--idle-for", "1m")):
+        proc = cli(*args, "--dsn", dsn)
+        assert proc.returncode == 2
+        assert proc.stderr.splitlines() == [MALFORMED[dsn]]
+        assert proc.stdout == ""
+
+
+def test_a_password_with_unencoded_delimiters_is_never_shown_even_in_pieces() -> None:
+    # libpq reads "u:Kiwi7@Mango8:..." as user u, password Kiwi7 and host "Mango8:...": the
+    # error names that host. Every piece of what was meant as the password is masked.
+    for dsn in (
+        f"postgresql://u:{SPECIAL.replace(' ', '')}@/db?host=/nowhere",
+        "postgresql://u:Kiwi7/Mango8@/db?host=/nowhere",
+        "postgresql://u:Kiwi7@Mango8@/db?host=/nowhere",
+    ):
+        proc = cli("diagnose", "--dsn", dsn)
+        assert proc.returncode == 2
+        assert proc.stderr.startswith("pgleakguard: error: ")
+        assert len(proc.stderr.splitlines()) == 1
+        assert secrets_in(proc.stderr) == [], proc.stderr
+
+
+def test_redact_dsn_never_raises_and_keeps_user_host_and_database() -> None:
+    from pgleakguard.server import redact_dsn
+
+    assert redact_dsn(f"postgresql://u:{SENTINEL}@[::1/db") == "postgresql://u@[::1/db"
+    assert redact_dsn("postgresql://u:p%40ss@db:5432/prod") == "postgresql://u@db:5432/prod"
+    assert redact_dsn("postgresql://u:Kiwi7/Mango8@db/prod") == "postgresql://u@db/prod"
+    assert redact_dsn("postgresql://u:a@b:c@db/prod?sslpassword=x") == "postgresql://u@db/prod"
+    assert redact_dsn("host=db sslpassword=x password='a b\\' c' user=u") == "host=db user=u"
+    assert redact_dsn(f"x postgresql://u:{SENTINEL}@h") == "x postgresql://u@h"
+
+
+@pytest.mark.allow_internal_errors  # an activity_dsn that cannot be used may be counted as one
+def test_a_malformed_dsn_in_install_correlate_and_the_server_check_shows_no_password(
+    pg_dsn: str, install: Callable[..., EventLog], caplog: pytest.LogCaptureFixture
+) -> None:
+    from pgleakguard.testing import ServerCheck
+
+    dsn = f"postgresql://postgres:{SENTINEL}@[::1/postgres"
+    expected = "bad DSN 'postgresql://postgres@[::1/postgres'"
+    with pytest.raises(pgleakguard.ServerError) as raised:
+        pgleakguard.correlate(dsn)
+    assert str(raised.value).startswith(expected)
+    with pytest.raises(pgleakguard.ServerError) as raised:
+        ServerCheck(dsn)  # what --pgleakguard-dsn runs
+    assert str(raised.value).startswith(expected)
+    assert SENTINEL not in str(raised.value)
+
+    _safety.forget_logged()
+    events = install(leak_threshold=0.2, activity_dsn=dsn)
+    with caplog.at_level(logging.DEBUG, logger="pgleakguard"):
+        conn = psycopg.connect(pg_dsn)
+        [leak] = events.wait_for("held_too_long")
+        pgleakguard.check()
+        conn.close()
+    assert expected in caplog.text
+    assert SENTINEL not in caplog.text + leak.render()
 
 
 # -- SQL text in reports ----------------------------------------------------------------------
@@ -295,5 +397,107 @@ def test_watch_and_terminate_redact_sql(pg_dsn: str) -> None:
             assert proc.returncode == 0, proc.stderr
             assert "tok-4242" not in proc.stdout
             assert "SELECT ?" in proc.stdout
+    finally:
+        conn.close()
+
+
+def test_redact_replaces_every_kind_of_literal() -> None:
+    from pgleakguard.sqltext import redact
+
+    # standard_conforming_strings is on: a backslash does not escape the closing quote.
+    assert redact("SELECT 'C:\\' AS path, 'secret-token' AS t") == "SELECT ? AS path, ? AS t"
+    assert redact("SELECT E'it\\'s', 'it''s', U&'d\\0061t', B'101', X'ff', N'x'") == (
+        "SELECT ?, ?, ?, ?, ?, ?"
+    )
+    assert redact("SELECT $$a 'b'$$, $tag$ $$ x $tag$, $1") == "SELECT ?, ?, $1"
+    assert redact("SELECT 0xDEADBEEF, 0o17, 0b101, 4111_1111_1111_1111, 1.5e10, .5, 3.") == (
+        "SELECT ?, ?, ?, ?, ?, ?, ?"
+    )
+    kept = "SELECT t1.c2, \"it's\" FROM t1 -- it's\n/*callsite='a.py:1'*/"
+    assert redact(kept) == kept
+    assert redact("SELECT 'cut by track_activity_query_size") == "SELECT ?"
+
+
+@pytest.mark.parametrize(
+    ("query", "masked"),
+    [
+        ("ALTER ROLE svc PASSWORD 'Hunter2'", "ALTER ROLE svc PASSWORD '***'"),
+        (
+            "CREATE USER u WITH LOGIN ENCRYPTED PASSWORD E'a\\'b' VALID UNTIL 'infinity'",
+            "CREATE USER u WITH LOGIN ENCRYPTED PASSWORD '***' VALID UNTIL 'infinity'",
+        ),
+        ("alter role svc password $x$Hunter2$x$", "alter role svc password '***'"),
+        (
+            "CREATE USER MAPPING FOR app SERVER remote OPTIONS (user 'app', password 'Hunter2')",
+            "CREATE USER MAPPING FOR app SERVER remote OPTIONS (user 'app', password '***')",
+        ),
+        (
+            "SELECT dblink_connect('host=db password=Hunter2 dbname=x')",
+            "SELECT dblink_connect('host=db password=*** dbname=x')",
+        ),
+        (
+            "SELECT dblink_connect('host=db password=''Hunter 2'' dbname=x')",
+            "SELECT dblink_connect('host=db password=*** dbname=x')",
+        ),
+        (
+            "CREATE SUBSCRIPTION s CONNECTION 'postgresql://rep:Hunter2@db/x' PUBLICATION p",
+            "CREATE SUBSCRIPTION s CONNECTION 'postgresql://rep:***@db/x' PUBLICATION p",
+        ),
+        ("SET password_encryption = 'scram-sha-256'", "SET password_encryption = 'scram-sha-256'"),
+        ("SELECT 'no secret here' AS password", "SELECT 'no secret here' AS password"),
+    ],
+)
+def test_passwords_in_queries_are_masked(query: str, masked: str) -> None:
+    from pgleakguard.sqltext import for_report, mask_passwords
+
+    assert mask_passwords(query) == masked
+    assert for_report(query, 1000, False) == masked
+
+
+PLAINTEXT = "Hunter2-plaintext"
+
+
+def test_a_password_set_by_a_query_is_masked_in_every_output_without_redact_sql(
+    pg_dsn: str, install: Callable[..., EventLog], tmp_path: Path
+) -> None:
+    from server_helpers import cli as run
+
+    ensure_role(pg_dsn, "pgl_svc", monitor=False)
+    events = install(activity_dsn=pg_dsn, idle_in_transaction_threshold=0.2, leak_threshold=60)
+    conn = psycopg.connect(pg_dsn)
+    conn.execute(f"ALTER ROLE pgl_svc PASSWORD '{PLAINTEXT}'")  # then idle in transaction
+    masked = "ALTER ROLE pgl_svc PASSWORD '***'"
+    pid = conn.info.backend_pid
+    try:
+        [leak] = events.wait_for("idle_in_transaction")
+        assert leak.details["pg_stat_activity"]["query"] == masked
+        [pair] = pgleakguard.correlate(pg_dsn)
+        assert pair.activity is not None and pair.activity["query"] == masked
+
+        fast = ("--idle-in-transaction-threshold", "0s")
+        doc = json.loads(run("diagnose", "--dsn", pg_dsn, "--format", "json", *fast).stdout)
+        [suspect] = [s for s in doc["suspects"] if s["backend_pid"] == pid]
+        assert suspect["query"] == masked
+        snapshot = tmp_path / "activity.json"
+        row = {
+            "pid": pid,
+            "state": "idle in transaction",
+            "state_change": "2024-05-01 09:00:00+00",
+            "query": f"ALTER ROLE pgl_svc PASSWORD '{PLAINTEXT}'",
+        }
+        snapshot.write_text(json.dumps([row]))
+        outputs = [json.dumps(doc), leak.render(), json.dumps(leak.as_dict())]
+        for args in (
+            ("diagnose", "--dsn", pg_dsn, "--format", "text", *fast),
+            ("diagnose", "--dsn", pg_dsn, "--format", "markdown", *fast),
+            ("diagnose", "--snapshot", str(snapshot), "--now", "2024-05-01 10:00:00+00"),
+            ("watch", "--dsn", pg_dsn, "--once", *fast),
+            ("terminate", "--dsn", pg_dsn, "--idle-for", "0s", "--include-superusers"),
+        ):
+            proc = run(*args)
+            assert proc.returncode == 0, proc.stderr
+            assert "PASSWORD '***'" in proc.stdout, args
+            outputs.append(proc.stdout + proc.stderr)
+        assert [PLAINTEXT in text for text in outputs] == [False] * len(outputs)
     finally:
         conn.close()

@@ -5,6 +5,7 @@ one line naming the line number, exit code 2, no traceback."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from cli_terminal import run_in_terminal
 
 from conftest import skip_or_fail
 from server_helpers import Leaker, cli, cli_json, leaker_line, leaking_program
@@ -191,6 +193,21 @@ BROKEN = [
         'pid,query\n1,"SELECT\n1"\nx,SELECT 2\n',
         "line 4: pid 'x' is not a whole number",
     ),
+    (
+        "unclosed-quote.csv",
+        'pid,state,query\n1,idle,"SELECT 1\n2,idle,x\n',
+        'line 2: bad CSV: a quoted field starting on this line has no closing quote (")',
+    ),
+    (
+        "junk-after-quote.csv",
+        'pid,state,query\n1,idle,SELECT 1\n2,idle,"SELECT 2"x\n',
+        "line 3: bad CSV: ',' expected after '\"'",
+    ),
+    (
+        "unclosed-quote-header.csv",
+        'pid,"state\n1,idle\n',
+        'line 1: bad CSV header: a quoted field starting on this line has no closing quote (")',
+    ),
     ("cut.json", '[{"pid": 1},\n {"pid": 2', "line 2: invalid JSON: Expecting ',' delimiter"),
     ("not-closed.json", '[{"pid": 1},\n', "line 2: invalid JSON: the array is not closed"),
     ("numbers.json", "[\n 1\n]", "line 2: expected an object with pg_stat_activity columns, got 1"),
@@ -203,6 +220,21 @@ BROKEN = [
         "broken-row.txt",
         " pid | state\n-----+-------\n   1 | idle\n 2   idle\n(2 rows)\n",
         "line 4: expected 2 columns separated by '|' under the header's columns",
+    ),
+    (
+        "broken-expanded.txt",
+        "-[ RECORD 1 ]----\npid   | 1\nstate | idle\n-[ RECORD 2 ]----\npid   | 2\nstate idle\n",
+        "line 6: expected 'column | value' inside a -[ RECORD n ]- block",
+    ),
+    (
+        "expanded-column-twice.txt",
+        "-[ RECORD 1 ]----\npid   | 1\npid   | 2\n",
+        "line 3: column pid twice in one -[ RECORD n ]- block",
+    ),
+    (
+        "expanded-before-record.txt",
+        "pid   | 1\n-[ RECORD 1 ]----\npid   | 2\n",
+        "line 1: expected 'column | value' inside a -[ RECORD n ]- block",
     ),
     ("empty.csv", "", "line 1: the file is empty"),
     (
@@ -299,3 +331,112 @@ def test_session_features_are_named_as_reasons_for_session_pooling(tmp_path: Pat
         ";; session pooling because of LISTEN (1 session, e.g. backend 300: LISTEN "
         "orders_changed): notifications go to whichever client holds the server connection next"
     ) in doc["pgbouncer"]["ini"]
+
+
+def test_on_an_80_column_terminal_tables_are_drawn_and_sql_lines_stay_whole(
+    tmp_path: Path,
+) -> None:
+    comment = "/*callsite='orders.py:42',pid='4123',service='billing'*/"
+    path = _snapshot(
+        tmp_path,
+        [
+            f"{1000 + i},app,shop,billing/pid:4123,10.0.0.5,2024-05-01 09:00:00+00,"
+            f'2024-05-01 09:00:00+00,idle,"SELECT * FROM orders {comment}",client backend'
+            for i in range(3)
+        ],
+    )
+    code, shown = run_in_terminal(
+        "diagnose", "--snapshot", str(path), "--now", "2024-05-01 10:00:00+00"
+    )
+    assert code == 0, shown
+    lines = shown.splitlines()
+    assert any(ln.startswith("┃ state ") for ln in lines), shown  # rich tables: the terminal path
+    for sql in (
+        "      AND (a.application_name = 'billing/pid:4123' OR a.application_name LIKE "
+        "'billing/pid:4123/%')",
+        "      AND NOT EXISTS (SELECT 1 FROM pg_roles AS r WHERE r.oid = a.usesysid AND "
+        "r.rolsuper)",
+    ):
+        assert len(sql) > 80 and sql in lines, shown
+
+
+def _readme_json_fields() -> dict[str, str]:
+    """The README's table of the --format json document: field -> its meaning."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("### `--format json` (version 1)", 1)[1].split("\n#", 1)[0]
+    fields: dict[str, str] = {}
+    for line in section.splitlines():
+        m = re.fullmatch(r"\| (.+?) \| (.+) \|", line)
+        if m and m.group(1) not in ("field", "---"):
+            for name in re.findall(r"`(\w+)`", m.group(1)):
+                fields[name] = m.group(2)
+    return fields
+
+
+def test_the_json_document_has_exactly_the_fields_the_readme_documents(tmp_path: Path) -> None:
+    comment = "/*callsite='orders.py:42',pid='4123',service='billing'*/"
+    path = _snapshot(
+        tmp_path,
+        [
+            *(
+                f"{1000 + i},app,shop,billing/pid:4123,10.0.0.5,2024-05-01 09:00:00+00,"
+                f'2024-05-01 09:00:00+00,idle in transaction,"LISTEN jobs {comment}",client backend'
+                for i in range(3)
+            ),
+            "2000,,,,,,,,<insufficient privilege>,",
+        ],
+    )
+    doc = cli_json(
+        "diagnose",
+        "--snapshot",
+        str(path),
+        "--now",
+        "2024-05-01 10:00:00+00",
+        "--max-connections",
+        "100",
+    )
+    documented = _readme_json_fields()
+    assert set(doc) == set(documented)
+
+    def names(meaning: str) -> set[str]:
+        return set(re.findall(r'[`"](\w+)[`"]', meaning))
+
+    nested = {
+        "source": doc["source"],
+        "server": doc["server"],
+        "thresholds": doc["thresholds"],
+        "totals": doc["totals"],
+        "breakdown": doc["breakdown"],
+        "privileges": doc["privileges"],
+        "pgbouncer": doc["pgbouncer"],
+        "owners": doc["owners"][0],
+        "suspects": doc["suspects"][0],
+        "findings": doc["findings"][0],
+        "triage": doc["triage"][0],
+        "fixes": doc["fixes"][0],
+    }
+    for field, value in nested.items():
+        undocumented = set(value) - names(documented[field])
+        assert not undocumented, (field, undocumented)
+    assert set(doc["breakdown"]["state"][0]) <= names(documented["breakdown"])
+    [feature] = doc["pgbouncer"]["session_features"]
+    assert set(feature) <= names(documented["pgbouncer"])
+
+
+def test_sessions_beyond_the_usable_slots_are_said_to_be_in_the_reserved_ones(
+    tmp_path: Path,
+) -> None:
+    path = _snapshot(
+        tmp_path,
+        [
+            f"{1000 + i},postgres,shop,psql,,2024-05-01 09:00:00+00,2024-05-01 09:59:59+00,"
+            "active,SELECT 1,client backend"
+            for i in range(99)
+        ],
+    )
+    text = cli("diagnose", "--snapshot", str(path), "--max-connections", "100").stdout
+    assert text.splitlines()[1] == (
+        "99 client sessions: all 97 usable slots taken and 2 of the 3 reserved ones: "
+        "max_connections 100 - 3 reserved (superuser_reserved_connections 3); assumed: "
+        "superuser_reserved_connections=3 (the default)"
+    )

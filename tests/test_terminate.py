@@ -13,6 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from cli_terminal import run_in_terminal
 
 from server_helpers import cli, ensure_role
 
@@ -182,3 +183,81 @@ def test_a_bad_state_is_one_line() -> None:
     assert line.startswith(
         "pgleakguard terminate: error: argument --state: invalid choice: 'sleepy'"
     )
+
+
+def test_sql_copied_from_an_80_column_terminal_is_the_sql_printed(pg_dsn: str) -> None:
+    code, shown = run_in_terminal("terminate", "--dsn", pg_dsn, "--idle-for", "10m")
+    assert code == 0, shown
+    lines = shown.splitlines()
+    assert "Sessions it would end (0)" in lines
+    assert any("┃ backend ┃" in ln for ln in lines)  # rich drew the table: the terminal path
+    # Longer than 80 columns, yet each reaches the terminal as one line: no '(aborted)' left
+    # alone on a line of its own, no literal split in two.
+    for line in (
+        "      -- state is one of: idle, idle in transaction, idle in transaction (aborted)",
+        "      AND a.state IN ('idle', 'idle in transaction', 'idle in transaction (aborted)')",
+        "      AND NOT EXISTS (SELECT 1 FROM pg_roles AS r WHERE r.oid = a.usesysid AND "
+        "r.rolsuper)",
+    ):
+        assert len(line) > 80 and line in lines, shown
+
+
+@pytest.fixture
+def mixed(pg_dsn: str) -> Iterator[tuple[str, Sessions]]:
+    """Role pgl_ops (pg_monitor, no pg_signal_backend) and its DSN; sessions of application
+    opsjob: own1 and own2 are pgl_ops's own, other is pgl_app's, boss is a superuser's."""
+    ops = ensure_role(pg_dsn, "pgl_ops", monitor=True)
+    app = ensure_role(pg_dsn, "pgl_app", monitor=False)
+    s = Sessions(pg_dsn)
+    for name, dsn in (("own1", ops), ("other", app), ("own2", ops), ("boss", pg_dsn)):
+        s.open(name, dsn, "opsjob", "SELECT 1", autocommit=True)
+    try:
+        yield ops, s
+    finally:
+        for conn in s.conns.values():
+            conn.close()
+
+
+OPSJOB = ("--idle-for", "0s", "--application", "opsjob", "--include-superusers")
+
+
+def test_the_dry_run_warns_of_sessions_the_role_may_not_end(mixed: tuple[str, Sessions]) -> None:
+    ops, s = mixed
+    proc = cli("terminate", "--dsn", ops, *OPSJOB, "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"pgleakguard: warning: pgl_ops may not end 1 of the 4 session(s) listed (other roles': "
+        f'{s.pids["other"]}): GRANT pg_signal_backend TO "pgl_ops";',
+        f"pgleakguard: warning: pgl_ops may not end 1 of the 4 session(s) listed (superusers': "
+        f"{s.pids['boss']}): only a superuser may end a superuser's session",
+    ]
+    doc = json.loads(proc.stdout)
+    can_end = {r["backend_pid"]: r["can_end"] for r in doc["sessions"]}
+    assert can_end == {
+        s.pids["own1"]: True,
+        s.pids["own2"]: True,
+        s.pids["other"]: False,
+        s.pids["boss"]: False,
+    }
+    assert s.alive() == {"own1", "own2", "other", "boss"}
+
+
+def test_execute_ends_what_it_may_and_names_each_refusal(mixed: tuple[str, Sessions]) -> None:
+    ops, s = mixed
+    proc = cli("terminate", "--dsn", ops, *OPSJOB, "--execute", "--yes", "--format", "json")
+    assert proc.returncode == 1, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["ended"] == sorted([s.pids["own1"], s.pids["own2"]])
+    assert doc["failed"] == [
+        {"backend_pid": pid, "error": "permission denied to terminate process"}
+        for pid in sorted([s.pids["other"], s.pids["boss"]])
+    ]
+    assert s.alive() == {"other", "boss"}
+    text = cli("terminate", "--dsn", ops, *OPSJOB, "--execute", "--yes").stdout.splitlines()
+    assert text[:3] == [
+        "pgleakguard terminate: ended 0 of 2 session(s)",
+        f"not ended: {min(s.pids['other'], s.pids['boss'])} (permission denied to terminate "
+        "process)",
+        f"not ended: {max(s.pids['other'], s.pids['boss'])} (permission denied to terminate "
+        "process)",
+    ]

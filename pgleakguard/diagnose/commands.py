@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from . import analysis, report, snapshot
 from .model import ServerSettings, Session, Setting
 from .recommend import TooLittleMemory
-from .render import Block, to_markdown, to_rich, to_text
+from .render import Block, print_rich, to_markdown, to_text
 from .units import to_epoch
 
 if TYPE_CHECKING:
@@ -38,7 +38,9 @@ def run(command: Callable[[argparse.Namespace], int], options: argparse.Namespac
 
     try:
         return command(options)
-    except (CommandError, ServerError, TooLittleMemory) as exc:
+    except ServerError as exc:
+        return fail(str(exc), exc.hint)
+    except (CommandError, TooLittleMemory) as exc:
         return fail(str(exc))
     except snapshot.SnapshotError as exc:
         return fail(f"{options.snapshot}: {exc}")
@@ -51,9 +53,11 @@ def run(command: Callable[[argparse.Namespace], int], options: argparse.Namespac
         return fail(f"{name}: {exc.strerror}" if name else str(exc))
 
 
-def fail(message: str) -> int:
-    """Print the one error line; return exit code 2."""
+def fail(message: str, hint: str | None = None) -> int:
+    """Print the one error line (and the hint's line, if any); return exit code 2."""
     print(f"pgleakguard: error: {message}", file=sys.stderr)
+    if hint:
+        print(f"pgleakguard: hint: {hint}", file=sys.stderr)
     return 2
 
 
@@ -79,9 +83,9 @@ def emit(blocks: Sequence[Block], fmt: str, document: Any = None) -> None:
     elif fmt == "markdown":
         sys.stdout.write(to_markdown(blocks))
     elif sys.stdout.isatty() and _has_rich():
-        from rich.console import Console, Group
+        from rich.console import Console
 
-        Console().print(Group(*to_rich(blocks)))
+        print_rich(blocks, Console())
     else:
         sys.stdout.write(to_text(blocks))
 

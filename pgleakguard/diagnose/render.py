@@ -27,12 +27,14 @@ class Text:
 
 @dataclasses.dataclass(frozen=True)
 class Table:
-    """Rows of cells under column names; ``numeric`` columns are right-aligned."""
+    """Rows of cells under column names; ``numeric`` columns are right-aligned, ``no_wrap``
+    ones are kept on one line on a terminal (cut with an ellipsis if they must be)."""
 
     columns: Sequence[str]
     rows: Sequence[Sequence[str]]
     numeric: frozenset[int] = frozenset()
     title: str | None = None
+    no_wrap: frozenset[int] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,9 +113,22 @@ def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def print_rich(blocks: Sequence[Block], console: Any) -> None:
+    """Print on a rich Console: tables drawn, code never wrapped nor cut.
+
+    A code line longer than the terminal reaches it whole (the terminal folds it on screen),
+    so SQL copied from an 80-column terminal is the SQL that was printed.
+    """
+    for block, renderable in zip(blocks, to_rich(blocks)):
+        console.print(renderable, soft_wrap=isinstance(block, Code))
+
+
 def to_rich(blocks: Sequence[Block]) -> list[Any]:
-    """Renderables for a rich Console (imports rich: the ``cli`` extra)."""
-    from rich.padding import Padding
+    """Renderables for a rich Console (imports rich: the ``cli`` extra).
+
+    Code is indented text; print it with ``soft_wrap=True`` (:func:`print_rich`), or rich
+    wraps it at the terminal's width.
+    """
     from rich.table import Table as RichTable
     from rich.text import Text as RichText
 
@@ -124,12 +139,17 @@ def to_rich(blocks: Sequence[Block]) -> list[Any]:
         elif isinstance(block, Text):
             out.append(RichText(block.text))
         elif isinstance(block, Code):
-            out.append(Padding(RichText(block.text, style="cyan"), (0, 0, 0, 4)))
+            code = "\n".join("    " + line if line else "" for line in block.text.splitlines())
+            out.append(RichText(code, style="cyan"))
         else:
             title = RichText(block.title) if block.title else None
             table = RichTable(title=title, title_justify="left", header_style="bold")
             for i, name in enumerate(block.columns):
-                table.add_column(name, justify="right" if i in block.numeric else "left")
+                table.add_column(
+                    name,
+                    justify="right" if i in block.numeric else "left",
+                    no_wrap=i in block.no_wrap,
+                )
             for row in block.rows:
                 table.add_row(*(RichText(cell) for cell in row))
             out.append(table)

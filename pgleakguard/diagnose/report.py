@@ -170,11 +170,15 @@ def capacity_line(diag: Diagnosis) -> str:
     if reserved is not None:
         parts.append(f"reserved_connections {reserved}")
     assumed = f"; assumed: {', '.join(settings.assumed)}" if settings.assumed else ""
+    slots = f"max_connections {total} - {settings.reserved} reserved ({', '.join(parts)})"
+    if diag.total > usable:
+        # Only superusers (and pg_use_reserved_connections members) get past the usable slots.
+        return (
+            f"{diag.total} client sessions: all {usable} usable slots taken and "
+            f"{diag.total - usable} of the {settings.reserved} reserved ones: {slots}{assumed}"
+        )
     pct = 100 * diag.total / usable if usable else 100.0
-    return (
-        f"{diag.total} client sessions of {usable} usable slots ({pct:.0f}%): "
-        f"max_connections {total} - {settings.reserved} reserved ({', '.join(parts)}){assumed}"
-    )
+    return f"{diag.total} client sessions of {usable} usable slots ({pct:.0f}%): {slots}{assumed}"
 
 
 def summary_blocks(diag: Diagnosis, command: str = "diagnose") -> list[Block]:
@@ -238,47 +242,60 @@ def breakdown_blocks(diag: Diagnosis, max_rows: int) -> list[Block]:
     return out
 
 
-def suspect_blocks(diag: Diagnosis, max_rows: int) -> list[Block]:
-    """The leak suspects, longest first."""
+_SUSPECT_COLUMNS = (
+    "backend",
+    "state",
+    "for",
+    "service",
+    "pid",
+    "call-site",
+    "user",
+    "database",
+    "last query",
+)
+
+
+def suspect_blocks(
+    diag: Diagnosis,
+    max_rows: int,
+    more: str = "--format json lists them all",
+    compact: bool = False,
+) -> list[Block]:
+    """The leak suspects, longest first; ``more`` says where the ones left out are listed.
+
+    ``compact`` leaves out user and database (a live view on a narrow terminal). On a
+    terminal the call-site is never wrapped: it is what the table is for.
+    """
     if not diag.suspects:
         return []
+    names = [c for c in _SUSPECT_COLUMNS if not (compact and c in ("user", "database"))]
     rows = []
     for sus in diag.suspects[:max_rows]:
         s = sus.session
-        rows.append(
-            [
-                str(s.backend_pid),
-                sus.reason,
-                format_duration(sus.seconds),
-                s.service or s.application_name or "-",
-                str(s.client_pid) if s.client_pid is not None else "-",
-                s.callsite or "-",
-                s.user or "-",
-                s.database or "-",
-                _short(s.query),
-            ]
-        )
-    more = len(diag.suspects) - max_rows
+        cells = {
+            "backend": str(s.backend_pid),
+            "state": sus.reason,
+            "for": format_duration(sus.seconds),
+            "service": s.service or s.application_name or "-",
+            "pid": str(s.client_pid) if s.client_pid is not None else "-",
+            "call-site": s.callsite or "-",
+            "user": s.user or "-",
+            "database": s.database or "-",
+            "last query": _short(s.query),
+        }
+        rows.append([cells[name] for name in names])
+    left = len(diag.suspects) - max_rows
     out: list[Block] = [
         Heading(f"Leak suspects ({len(diag.suspects)})"),
         Table(
-            [
-                "backend",
-                "state",
-                "for",
-                "service",
-                "pid",
-                "call-site",
-                "user",
-                "database",
-                "last query",
-            ],
+            names,
             rows,
             frozenset({0, 4}),
+            no_wrap=frozenset({names.index("call-site")}),
         ),
     ]
-    if more > 0:
-        out.append(Text(f"... and {more} more (--format json lists them all)"))
+    if left > 0:
+        out.append(Text(f"... and {left} more ({more})"))
     return out
 
 

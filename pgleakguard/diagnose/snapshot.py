@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 from unicodedata import east_asian_width
 
+from ..sqltext import mask_passwords
 from .model import RowError, Session
 from .units import to_epoch
 
@@ -73,6 +74,8 @@ def parse(text: str) -> Snapshot:
             )
         if "pid" not in row:
             raise SnapshotError(line, "no pid column: export the pg_stat_activity columns")
+        if isinstance(row.get("query"), str):
+            row["query"] = mask_passwords(row["query"])
         try:
             sessions.append(Session.from_row(row))
             for name in _NOW_COLUMNS:
@@ -119,11 +122,13 @@ def _newest(sessions: list[Session]) -> float | None:
 
 
 def _csv_rows(text: str) -> Iterator[tuple[int, Row]]:
-    reader = csv.reader(io.StringIO(text, newline=""))
+    # strict: an unclosed quote is an error, not a field that swallows the rest of the file
+    # (PostgreSQL's CSV is always well-formed).
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         header = next(reader)
     except (StopIteration, csv.Error) as exc:
-        raise SnapshotError(1, f"bad CSV header: {exc}") from None
+        raise SnapshotError(1, f"bad CSV header: {_csv_reason(exc)}") from None
     names = [h.strip() for h in header]
     start = reader.line_num
     while True:
@@ -133,7 +138,7 @@ def _csv_rows(text: str) -> Iterator[tuple[int, Row]]:
         except StopIteration:
             return
         except csv.Error as exc:
-            raise SnapshotError(start, f"bad CSV: {exc}") from None
+            raise SnapshotError(start, f"bad CSV: {_csv_reason(exc)}") from None
         if not fields:
             continue
         if len(fields) != len(names):
@@ -142,6 +147,12 @@ def _csv_rows(text: str) -> Iterator[tuple[int, Row]]:
             )
         # PostgreSQL writes NULL as an unquoted empty field.
         yield start, {n: (v if v != "" else None) for n, v in zip(names, fields)}
+
+
+def _csv_reason(exc: Exception) -> str:
+    if "unexpected end of data" in str(exc):
+        return 'a quoted field starting on this line has no closing quote (")'
+    return str(exc)
 
 
 # -- JSON ---------------------------------------------------------------------------------

@@ -112,13 +112,28 @@ def _where(f: Filters) -> str:
     return "\n".join(parts)
 
 
+#: Why the role running the query may not end a session (NULL when it may): the rule of
+#: PostgreSQL's pg_signal_backend(). A superuser may end any session; nobody else may end a
+#: superuser's; other sessions need the privileges of their role or of pg_signal_backend.
+CANNOT_END_SQL = (
+    "CASE WHEN (SELECT r.rolsuper FROM pg_roles AS r WHERE r.rolname = current_user) THEN NULL\n"
+    "         WHEN EXISTS (SELECT 1 FROM pg_roles AS r WHERE r.oid = a.usesysid AND r.rolsuper)\n"
+    "           THEN 'superuser'\n"
+    "         WHEN pg_has_role(a.usesysid, 'USAGE') OR pg_has_role('pg_signal_backend', 'USAGE')\n"
+    "           THEN NULL\n"
+    "         ELSE 'other role' END"
+)
+
+
 def select_sql(f: Filters) -> str:
-    """The sessions the filters match (what a dry run lists)."""
+    """The sessions the filters match (what a dry run lists), with ``cannot_end``:
+    ``superuser`` or ``other role`` when the role running it may not end that session."""
     return (
         "SELECT a.pid, a.usename, a.datname, a.application_name, host(a.client_addr) "
         "AS client_addr, a.state,\n"
         "       extract(epoch FROM now() - a.state_change)::float8 AS seconds_in_state, "
-        "a.query\n"
+        "a.query,\n"
+        f"       {CANNOT_END_SQL} AS cannot_end\n"
         f"FROM pg_stat_activity AS a\n{_where(f)}\nORDER BY a.state_change, a.pid"
     )
 

@@ -8,7 +8,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .commands import dsn_of, emit, psycopg_error
+from ..sqltext import mask_passwords, redact
+from .commands import CommandError, dsn_of, emit, psycopg_error
 from .render import Block, Code, Heading, Table, Text, to_text
 from .sql import quote_ident
 from .terminate import STATE_ALIASES, Filters, conditions, select_sql, terminate_sql
@@ -31,7 +32,10 @@ def terminate_filters(options: argparse.Namespace) -> Filters:
 
 
 def terminate_command(options: argparse.Namespace) -> int:
-    """``pgleakguard terminate``: list (dry run) or end the matching sessions."""
+    """``pgleakguard terminate``: list (dry run) or end the matching sessions.
+
+    Exit code 1 when the user said no, or when some session could not be ended.
+    """
     from .. import server
 
     dsn = dsn_of(options)
@@ -40,12 +44,12 @@ def terminate_command(options: argparse.Namespace) -> int:
     conn = server.connect(dsn, purpose="terminate")
     try:
         matched = _fetch(conn, select_sql(filters), dsn)
-        if options.redact_sql:
-            from ..sqltext import redact
-
-            for row in matched:
-                row["query"] = redact(row["query"]) if row["query"] else row["query"]
-        _warn_hidden(conn, dsn)
+        for row in matched:
+            if row["query"]:
+                row["query"] = mask_passwords(row["query"])
+                row["query"] = redact(row["query"]) if options.redact_sql else row["query"]
+        role = _warn_hidden(conn, dsn)
+        _warn_cannot_end(role, matched)
         if not options.execute:
             _show_plan(filters, matched, options.format, dry_run=True)
             return 0
@@ -56,14 +60,44 @@ def terminate_command(options: argparse.Namespace) -> int:
         if not options.yes and not _confirm(matched):
             print("pgleakguard: nothing ended", file=sys.stderr)
             return 1
-        ended = _fetch(conn, terminate_sql(pinned), dsn)
+        outcome = _end_each(conn, filters, matched, dsn)
     finally:
         conn.close()
-    _show_result(pinned, matched, ended, options.format)
-    return 0
+    _show_result(pinned, matched, outcome, options.format)
+    return 1 if outcome.failed else 0
 
 
-def _warn_hidden(conn: Any, dsn: str) -> None:
+@dataclasses.dataclass
+class Outcome:
+    """What --execute did, session by session."""
+
+    ended: list[int] = dataclasses.field(default_factory=list)
+    #: Backend pid -> the server's error (e.g. "permission denied to terminate process").
+    failed: dict[int, str] = dataclasses.field(default_factory=dict)
+
+
+def _end_each(conn: Any, filters: Filters, matched: Sequence[dict[str, Any]], dsn: str) -> Outcome:
+    # One statement per session: a refusal (another role's session without pg_signal_backend)
+    # fails that session alone, and the report says exactly which ones were ended.
+    import psycopg
+
+    outcome = Outcome()
+    for pid in sorted(int(r["pid"]) for r in matched):
+        sql = terminate_sql(dataclasses.replace(filters, pids=(pid,)))
+        try:
+            rows = conn.execute(sql).fetchall()
+        except psycopg.errors.InsufficientPrivilege as exc:
+            outcome.failed[pid] = exc.diag.message_primary or str(exc)
+            continue
+        except psycopg.Error as exc:
+            so_far = ", ".join(map(str, outcome.ended)) or "none"
+            raise CommandError(f"{psycopg_error(exc, dsn)} (ended before that: {so_far})") from None
+        if rows and rows[0][-1]:
+            outcome.ended.append(pid)
+    return outcome
+
+
+def _warn_hidden(conn: Any, dsn: str) -> str:
     # Sessions this role may not see cannot match any filter: say so, and what to grant.
     [row] = _fetch(conn, HIDDEN_SQL, dsn)
     if row["hidden"]:
@@ -74,6 +108,23 @@ def _warn_hidden(conn: Any, dsn: str) -> None:
             f"{grant}",
             file=sys.stderr,
         )
+    return str(row["role"])
+
+
+def _warn_cannot_end(role: str, matched: Sequence[dict[str, Any]]) -> None:
+    # Listed is not endable: say so before --execute finds out session by session.
+    for reason, needs in (
+        ("other role", f"GRANT pg_signal_backend TO {quote_ident(role)};"),
+        ("superuser", "only a superuser may end a superuser's session"),
+    ):
+        pids = [str(r["pid"]) for r in matched if r["cannot_end"] == reason]
+        if pids:
+            whose = "other roles'" if reason == "other role" else "superusers'"
+            print(
+                f"pgleakguard: warning: {role} may not end {len(pids)} of the {len(matched)} "
+                f"session(s) listed ({whose}: {', '.join(pids)}): {needs}",
+                file=sys.stderr,
+            )
 
 
 #: Client sessions of other roles whose state this role may not see.
@@ -143,10 +194,13 @@ def _plan_json(filters: Filters, matched: Sequence[dict[str, Any]], ended: Any) 
                 "application_name": r["application_name"],
                 "state": r["state"],
                 "seconds_in_state": r["seconds_in_state"],
+                "can_end": r["cannot_end"] is None,
             }
             for r in matched
         ],
         "ended": ended,
+        # With --execute: the sessions the server refused to end, and why.
+        "failed": None if ended is None else [],
     }
 
 
@@ -168,15 +222,23 @@ def _confirm(matched: Sequence[dict[str, Any]]) -> bool:
 def _show_result(
     pinned: Filters,
     matched: Sequence[dict[str, Any]],
-    ended: Sequence[dict[str, Any]],
+    outcome: Outcome,
     fmt: str,
 ) -> None:
-    done = sorted(int(r["pid"]) for r in ended if r["terminated"])
-    gone = sorted({int(r["pid"]) for r in matched} - set(done))
+    done = outcome.ended
+    gone = sorted({int(r["pid"]) for r in matched} - set(done) - set(outcome.failed))
     lines = [f"pgleakguard terminate: ended {len(done)} of {len(matched)} session(s)"]
     if done:
         lines.append("ended backends: " + ", ".join(str(p) for p in done))
+    for pid, error in sorted(outcome.failed.items()):
+        lines.append(f"not ended: {pid} ({error})")
     if gone:
         lines.append("not ended (gone or no longer matching): " + ", ".join(str(p) for p in gone))
-    blocks: list[Block] = [Text("\n".join(lines)), Heading("SQL run"), Code(terminate_sql(pinned))]
-    emit(blocks, fmt, _plan_json(pinned, matched, done))
+    blocks: list[Block] = [
+        Text("\n".join(lines)),
+        Heading("SQL run (once per session, each pinned to its pid)"),
+        Code(terminate_sql(pinned)),
+    ]
+    document = _plan_json(pinned, matched, done)
+    document["failed"] = [{"backend_pid": p, "error": e} for p, e in sorted(outcome.failed.items())]
+    emit(blocks, fmt, document)

@@ -188,6 +188,7 @@ def test_diagnose_reads_the_server_settings_for_its_version(server_dsn: str) -> 
         version_num = conn.info.server_version
         max_conn = int(_one(conn, "SHOW max_connections"))
         expected_sizes = {n: _one(conn, size, n) for n in ("shared_buffers", "work_mem")}
+        shown = {n: _one(conn, f"SHOW {n}") for n in ("shared_buffers", "work_mem")}
         expected_seconds = {
             n: _one(conn, seconds, n)
             for n in ("idle_in_transaction_session_timeout", "statement_timeout")
@@ -213,6 +214,8 @@ def test_diagnose_reads_the_server_settings_for_its_version(server_dsn: str) -> 
     # reserved_connections exists from PostgreSQL 16 on; transaction_timeout from 17.
     assert (srv["reserved_connections"] is not None) == (version_num >= 160000)
     assert ("transaction_timeout" in srv["settings"]) == (version_num >= 170000)
+    # Memory settings as SHOW prints them ("128MB"), not pages glued to their unit.
+    assert {n: srv["settings"][n] for n in shown} == shown
     gated = {f["name"]: f["applies"] for f in doc["fixes"]}
     assert gated["transaction_timeout"] is (version_num >= 170000)
     assert gated["idle_session_timeout"] is True

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .. import tagging
-from .units import KIB, iso, to_epoch
+from .units import KIB, iso, pg_size, to_epoch
 
 #: Every value pg_stat_activity.state can take (PostgreSQL 12 to 18).
 STATES = (
@@ -230,6 +230,13 @@ class ServerSettings:
         if setting is None or number is None:
             return None
         return number * _UNIT_SECONDS.get(setting.unit or "s", 1.0)
+
+    def show(self, name: str) -> str:
+        """A setting as ``SHOW`` prints it: memory in ``kB``/``MB``/``GB`` (``16384`` pages of
+        ``8kB`` are ``128MB``), other values with their unit (``60000ms``)."""
+        setting = self.values[name]
+        size = self.size(name) if setting.unit in _UNIT_BYTES else None
+        return pg_size(size) if size is not None else setting.value + (setting.unit or "")
 
     @property
     def major(self) -> int | None:

@@ -79,9 +79,7 @@ def as_json(report: Report) -> dict[str, Any]:
             "reserved_connections": settings.integer("reserved_connections"),
             "usable_connections": usable,
             "assumed": list(settings.assumed),
-            "settings": {
-                name: s.value + (s.unit or "") for name, s in sorted(settings.values.items())
-            },
+            "settings": {name: settings.show(name) for name in sorted(settings.values)},
         },
         "role": diag.role,
         "thresholds": {

@@ -30,6 +30,13 @@ def persistent() -> Iterator[dict[str, Any]]:
         yield settings_dict
 
 
+@pytest.fixture
+def atomic_requests() -> Iterator[dict[str, Any]]:
+    """ATOMIC_REQUESTS = True for the test."""
+    with database_settings(ATOMIC_REQUESTS=True) as settings_dict:
+        yield settings_dict
+
+
 async def test_async_and_sync_views_report_nothing(install: Callable[..., EventLog]) -> None:
     events = install(leak_threshold=0.5, idle_in_transaction_threshold=0.5)
     handler = ASGIHandler()
@@ -55,6 +62,24 @@ async def test_query_in_a_thread_the_request_does_not_own_is_scope_ended(
     await asyncio.to_thread(close_from_here, views.LEAKED.pop())
     returned = await asyncio.to_thread(events.wait_returned)
     assert returned.checkout_id == event.checkout_id
+
+
+async def test_atomic_requests_name_the_sync_views_query_under_asgi(
+    atomic_requests: dict[str, Any], install: Callable[..., EventLog]
+) -> None:
+    # the view's transaction is opened by Django in the request's worker thread, whose own
+    # stack and awaiting task hold nothing but Django, asgiref and asyncio
+    events = install(leak_threshold=60, idle_in_transaction_threshold=0.2)
+    request = asyncio.ensure_future(get(ASGIHandler(), "/held/"))
+    try:
+        [event] = await asyncio.to_thread(events.wait_for, "idle_in_transaction")
+    finally:
+        views.RELEASE.set()
+        assert (await request)[0] == 200
+    line = marked_line(VIEWS, "held-view")
+    assert event.callsite == CallSite(VIEWS, line, "held_until_released")
+    assert event.transaction_status == "INTRANS"
+    assert event.holder.startswith("ThreadPoolExecutor-")
 
 
 @pytest.mark.filterwarnings("ignore::ResourceWarning")  # psycopg, on the collected ones

@@ -81,6 +81,43 @@ def test_real_wsgi_handler_reports_the_open_atomic_block_before_django_closes_it
     assert [e.kind for e in events.leaks()] == ["scope_ended"]
 
 
+@pytest.mark.parametrize(
+    "request_held",
+    [
+        lambda: wsgi_get(WSGIHandler(), "/held/"),
+        lambda: Client().get("/held/"),
+    ],
+    ids=["real-wsgi-handler", "test-client"],
+)
+@pytest.mark.django_db(transaction=True)
+def test_atomic_requests_name_the_views_query_not_the_server(
+    request_held: Callable[[], object], install: Callable[..., EventLog]
+) -> None:
+    # Django's atomic() takes the connection before the view runs, called from the server
+    events = install(leak_threshold=60, idle_in_transaction_threshold=0.2)
+
+    def serve() -> None:
+        request_held()
+        connections.close_all()  # what a server thread does (the test client leaves it open)
+
+    with database_settings(ATOMIC_REQUESTS=True):
+        server = threading.Thread(target=serve, name="wsgi-1")
+        server.start()
+        try:
+            [event] = events.wait_for("idle_in_transaction")
+        finally:
+            views.RELEASE.set()
+            server.join()
+    line = marked_line(VIEWS, "held-view")
+    assert event.callsite == CallSite(VIEWS, line, "held_until_released")
+    assert event.stack[0]["code"] == "n = ContentType.objects.count()  # leak: held-view"
+    assert (event.holder, event.transaction_status) == ("wsgi-1", "INTRANS")
+    # Django committed the view's transaction; then the connection was closed
+    returned = events.wait_returned()
+    assert (returned.checkout_id, returned.callsite) == (event.checkout_id, event.callsite)
+    assert [e.kind for e in events.leaks()] == ["idle_in_transaction"]
+
+
 @pytest.mark.parametrize("max_age", [0, 60])
 @pytest.mark.django_db(transaction=True)
 def test_200_test_client_requests_report_nothing(

@@ -16,4 +16,5 @@ urlpatterns = [
     path("async-executor-leak/", views.async_executor_leak),
     path("pid/", views.backend_pid),
     path("slow/", views.slow_report),
+    path("held/", views.held_until_released),
 ]

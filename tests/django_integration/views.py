@@ -87,3 +87,14 @@ def slow_report(request: HttpRequest) -> HttpResponse:
     n = ContentType.objects.count()  # leak: slow-view
     threading.Event().wait(float(request.GET.get("seconds", "0")))
     return HttpResponse(str(n))
+
+
+#: Set by a test to let ``held_until_released`` finish.
+RELEASE = threading.Event()
+
+
+def held_until_released(request: HttpRequest) -> HttpResponse:
+    """Queries, then waits (as for a slow API) until the test releases it."""
+    n = ContentType.objects.count()  # leak: held-view
+    RELEASE.wait(10)
+    return HttpResponse(str(n))

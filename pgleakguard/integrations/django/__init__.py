@@ -9,7 +9,9 @@ Between requests Django keeps a persistent connection (CONN_MAX_AGE > 0) for the
 and the main thread's connection (a management command, the shell, the test runner's
 test-database connection) for the life of the process: those are *parked*, and only a
 thread that ends holding one is reported. A request's first use of a connection starts a
-new checkout, named after the request's own code.
+new checkout, named after the request's own code: when Django itself made that use before
+the view ran (ATOMIC_REQUESTS opens the view's transaction), it is named after the next use
+the application makes.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 from ... import tagging
 from ..._safety import guard, record_internal_error, safe_call
-from ...callsite import AWAITING
+from ...callsite import AWAITING, Stack, capture
 from ...drivers import application_name_of, backend_pid
 from ...events import SCOPE_ENDED
 from ...tracker import CHECKOUT_ATTR, Checkout
@@ -57,13 +59,22 @@ class RequestScope:
     """One request: its description and the connections it used (with the depth of their
     atomic blocks when it first used them)."""
 
-    __slots__ = ("name", "started", "used")
+    __slots__ = ("name", "started", "used", "entry")
 
     def __init__(self, name: str) -> None:
         self.name = name
         #: request_started was seen (a WSGI thread's next request needs a new scope).
         self.started = False
         self.used: list[tuple[weakref.ref[Any], Checkout, int]] = []
+        #: The call-site of the code that called Django for this request (the WSGI
+        #: server's frame, or a test calling the test client); empty if unknown (ASGI).
+        self.entry: Stack = ()
+
+    def outside(self, stack: Stack) -> bool:
+        """True if a checkout taken at ``stack`` was taken by no application code of the
+        request: Django's own frames lead straight out to the server, or to nothing."""
+        entry = self.entry
+        return not stack or (bool(entry) and stack[0] is entry[0] and stack[1] == entry[1])
 
 
 _request: ContextVar[RequestScope | None] = ContextVar("pgleakguard_django_request", default=None)
@@ -105,6 +116,10 @@ class DjangoIntegration(Integration):
     def __init__(self, tracker: Any) -> None:
         super().__init__(tracker)
         self.attr = f"_pgleakguard_django_{next(_installations)}"
+        #: Set on a wrapper whose checkout waits for its call-site (:meth:`named_later`).
+        self.unnamed_attr = self.attr + "_unnamed"
+        config = tracker.config
+        self._depth = config.stack_depth if config.capture_stack else 1  # as the tracker's
 
     # -- enabling -------------------------------------------------------------------------
 
@@ -130,6 +145,7 @@ class DjangoIntegration(Integration):
     def _hook_wrapper(self, cls: Any) -> None:
         integration = self
         attr = self.attr
+        unnamed = self.unnamed_attr
         orig_ensure = cls.ensure_connection
         orig_close = cls.close
 
@@ -139,6 +155,8 @@ class DjangoIntegration(Integration):
                 rec = self.__dict__.get(attr)
                 if rec is None or rec.parked or rec.closed:
                     integration.touched(self, rec)
+                elif unnamed in self.__dict__:
+                    integration.named_later(self, rec)
 
         def close(self: Any) -> None:
             rec = conn = None
@@ -249,8 +267,25 @@ class DjangoIntegration(Integration):
                     self.tracker.park(rec)
                 return
             scope.used.append((weakref.ref(wrapper), rec, len(wrapper.atomic_blocks)))
+            if scope.outside(rec.stack):
+                wrapper.__dict__[self.unnamed_attr] = rec
+            else:
+                wrapper.__dict__.pop(self.unnamed_attr, None)
         except Exception as exc:
             record_internal_error(exc)
+
+    def named_later(self, wrapper: Any, rec: Checkout) -> None:
+        """The checkout of ``wrapper`` was taken by Django before the view ran (the
+        transaction of ATOMIC_REQUESTS): the first use from application code names it.
+        Its id, age and reports are kept."""
+        scope = _request.get()
+        if wrapper.__dict__.get(self.unnamed_attr) is not rec or scope is None:
+            wrapper.__dict__.pop(self.unnamed_attr, None)
+            return
+        stack = capture(self._depth, 3)
+        if not scope.outside(stack):
+            rec.stack = stack
+            del wrapper.__dict__[self.unnamed_attr]
 
     def _track(self, wrapper: Any) -> Checkout | None:
         conn = wrapper.connection
@@ -279,6 +314,7 @@ class DjangoIntegration(Integration):
         """``wrapper`` closed its connection (or gave it back to the pool)."""
         try:
             wrapper.__dict__.pop(self.attr, None)
+            wrapper.__dict__.pop(self.unnamed_attr, None)
             if rec.integration == INTEGRATION:  # a pool's checkout ends at its putconn
                 conn_dict = getattr(conn, "__dict__", None)
                 if conn_dict is not None and conn_dict.get(CHECKOUT_ATTR) is rec:
@@ -297,6 +333,7 @@ class DjangoIntegration(Integration):
                 scope = RequestScope(_describe(kwargs))
                 _request.set(scope)
             scope.started = True
+            scope.entry = capture(1)
             self._park_thread_connections()
 
     def request_finished(self, sender: Any, **kwargs: Any) -> None:
@@ -331,6 +368,7 @@ class DjangoIntegration(Integration):
     def _park_thread_connections(self) -> None:
         # What survives a request (a persistent connection) is Django's until the next one.
         for wrapper in connections.all(initialized_only=True):
+            wrapper.__dict__.pop(self.unnamed_attr, None)
             rec = wrapper.__dict__.get(self.attr)
             if rec is not None and SCOPE_ENDED not in rec.reported:
                 self.tracker.park(rec)

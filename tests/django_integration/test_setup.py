@@ -7,6 +7,8 @@ import io
 import json
 import logging
 import os
+import subprocess
+import sys
 import threading
 import weakref
 from pathlib import Path
@@ -245,6 +247,27 @@ def test_manage_py_diagnose_of_an_unknown_alias_is_one_error_line(
         manage_py("pgleakguard", *argv)
     assert exit_.value.code == 1
     assert capsys.readouterr().err == "CommandError: no database 'nope' in settings.DATABASES\n"
+
+
+def test_example_projects_manage_py_diagnose_with_djangos_options_after_diagnose(
+    pg_dsn: str,
+) -> None:
+    # the form examples/django_project/README.md documents, in a process of its own
+    manage = Path(__file__).parents[2] / "examples" / "django_project" / "manage.py"
+    alias = "reports" if django_settings.NATIVE_POOL else "default"
+    proc = subprocess.run(
+        [sys.executable, str(manage), "pgleakguard", "diagnose", "--database", alias]
+        + ["--format", "json", "-v", "2", "--no-color"],
+        env={k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+        | {"DATABASE_URL": pg_dsn},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (proc.returncode, proc.stderr) == (0, "")
+    command_line, _, report = proc.stdout.partition("\n")
+    assert command_line.rsplit('" ', 1)[1] == "--format json"  # -v 2, --no-color: Django's
+    assert json.loads(report)["version"] == 1
 
 
 def test_a_bad_diagnose_option_is_a_command_error_not_an_exit(

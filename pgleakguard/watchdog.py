@@ -100,8 +100,9 @@ class Watchdog:
                     tracker.report(rec, OWNER_EXITED)
                 continue
             if rec.parked:
-                continue
-            if rec.started < held_since and HELD_TOO_LONG not in rec.reported:
+                if not rec.watch_transaction:
+                    continue
+            elif rec.started < held_since and HELD_TOO_LONG not in rec.reported:
                 tracker.report(rec, HELD_TOO_LONG)
             if (
                 (tx in (TX_INTRANS, TX_INERROR))

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from django.contrib.contenttypes.models import ContentType
 from django.core.handlers.wsgi import WSGIHandler
-from django.db import connections
+from django.db import connections, transaction
 from django.test import Client
 
 import pgleakguard
@@ -203,8 +203,11 @@ def test_pytest_djangos_test_database_connection_is_not_a_leak(
 ) -> None:
     events = quiet(install)
     ContentType.objects.count()  # inside pytest-django's per-test atomic block
-    for _ in range(3):
+    for _ in range(50):
         assert client.get("/count/").status_code == 200
+    with transaction.atomic():  # the test's own atomic block, inside the test case's
+        ContentType.objects.count()
+        wait_past_thresholds()  # the transaction is the test case's: not idle_in_transaction
     wait_past_thresholds()
     [held] = pgleakguard.open_checkouts()
     assert (held.holder, held.transaction_status) == ("MainThread", "INTRANS")

@@ -103,17 +103,30 @@ def test_worker_idle_inside_a_transaction(install: Callable[..., EventLog]) -> N
     assert events.wait_returned().kinds == ("idle_in_transaction",)
 
 
-def test_main_thread_connection_outside_requests_is_never_reported(
+def test_main_threads_transaction_left_idle_outside_requests_is_idle_in_transaction(
     install: Callable[..., EventLog],
 ) -> None:
-    events = install(leak_threshold=0.1, idle_in_transaction_threshold=0.1)
+    # a management command, a cron job, a Celery prefork task: the main thread's connection
+    events = install(leak_threshold=0.1, idle_in_transaction_threshold=0.2)
+    ContentType.objects.count()  # its age is no leak: it is Django's for the process
     with transaction.atomic():
-        ContentType.objects.count()
-        [held] = pgleakguard.open_checkouts()
-        assert (held.holder, held.integration) == ("MainThread", "django")
-        threading.Event().wait(0.3)  # three thresholds, in a transaction, in the main thread
-        pgleakguard.check()
-    assert events == []
+        ContentType.objects.filter(app_label="auth").count()  # leak: dj-main-idle
+        [first] = events.wait_for("idle_in_transaction")
+    with transaction.atomic():
+        ContentType.objects.filter(app_label="admin").count()  # leak: dj-main-idle-2
+        second = events.wait_for("idle_in_transaction", count=2)[1]
+    name = "test_main_threads_transaction_left_idle_outside_requests_is_idle_in_transaction"
+    assert first.callsite == CallSite(HERE, marked_line(HERE, "dj-main-idle"), name)
+    assert second.callsite == CallSite(HERE, marked_line(HERE, "dj-main-idle-2"), name)
+    assert second.checkout_id > first.checkout_id  # each transaction is a checkout of its own
+    for event in (first, second):
+        assert (event.holder, event.transaction_status) == ("MainThread", "INTRANS")
+        assert event.severity == "suspected"
+    ContentType.objects.count()  # committed: nothing to report, however long it stays open
+    pgleakguard.check()
+    assert [e.kind for e in events.leaks()] == ["idle_in_transaction"] * 2
+    [held] = pgleakguard.open_checkouts()
+    assert (held.holder, held.transaction_status) == ("MainThread", "IDLE")
 
 
 _EXIT_SCRIPT = """

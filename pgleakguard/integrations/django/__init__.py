@@ -8,7 +8,8 @@ Enable it with ``"pgleakguard.integrations.django"`` in INSTALLED_APPS (options 
 Between requests Django keeps a persistent connection (CONN_MAX_AGE > 0) for the next one,
 and the main thread's connection (a management command, the shell, the test runner's
 test-database connection) for the life of the process: those are *parked*, and only a
-thread that ends holding one is reported. A request's first use of a connection starts a
+thread that ends holding one is reported, or, on the main thread, a transaction the
+application leaves idle on it (idle_in_transaction). A request's first use of a connection starts a
 new checkout, named after the request's own code: when Django itself made that use before
 the view ran (ATOMIC_REQUESTS opens the view's transaction), it is named after the next use
 the application makes.
@@ -258,14 +259,12 @@ class DjangoIntegration(Integration):
                 if rec is None:
                     return  # max_open_checkouts reached: not tracked
             scope = _request.get()
-            if rec.parked:
-                if scope is None:
-                    return  # still outside any request: Django keeps it
-                self.tracker.resume(rec, skip=2)
-            elif scope is None:
+            if scope is None:
                 if _current_thread() is _main_thread:
-                    self.tracker.park(rec)
-                return
+                    self._main_thread_use(wrapper, rec)
+                return  # another thread's connection outside requests: an ordinary checkout
+            if rec.parked:
+                self.tracker.resume(rec, skip=2)
             scope.used.append((weakref.ref(wrapper), rec, len(wrapper.atomic_blocks)))
             if scope.outside(rec.stack):
                 wrapper.__dict__[self.unnamed_attr] = rec
@@ -273,6 +272,20 @@ class DjangoIntegration(Integration):
                 wrapper.__dict__.pop(self.unnamed_attr, None)
         except Exception as exc:
             record_internal_error(exc)
+
+    def _main_thread_use(self, wrapper: Any, rec: Checkout) -> None:
+        # The main thread's connection lives as long as the process (a management command,
+        # a cron job, a Celery prefork child's task): its age is no leak, it stays parked.
+        # A transaction the application leaves idle on it is one: from the first use in a
+        # transaction the application opened (not a test case's, which holds the test
+        # database's transaction on purpose) it is a new checkout, named there and watched.
+        blocks = wrapper.atomic_blocks
+        watch = not wrapper.autocommit and not (
+            blocks and getattr(blocks[0], "_from_testcase", False)
+        )
+        if watch and rec.parked and not rec.watch_transaction:
+            self.tracker.resume(rec, skip=3)
+        self.tracker.park(rec, watch_transaction=watch)
 
     def named_later(self, wrapper: Any, rec: Checkout) -> None:
         """The checkout of ``wrapper`` was taken by Django before the view ran (the

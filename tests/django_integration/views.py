@@ -77,7 +77,7 @@ async def async_executor_leak(request: HttpRequest) -> HttpResponse:
 
 
 def backend_pid(request: HttpRequest) -> HttpResponse:
-    with connections["default"].cursor() as cursor:
+    with connections["default"].cursor() as cursor:  # leak: pid-view
         cursor.execute("SELECT pg_backend_pid()")
         return HttpResponse(str(cursor.fetchone()[0]))
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import logging
@@ -29,6 +30,7 @@ from django.db.backends.postgresql.base import DatabaseWrapper
 
 import pgleakguard
 from pgleakguard import _runtime, tagging
+from pgleakguard.integrations import django as django_hooks
 from pgleakguard.integrations.django.management.commands import pgleakguard as command
 
 from .helpers import close_from_here, database_settings
@@ -78,6 +80,45 @@ def test_installed_app_takes_settings_then_environment(
     assert config.log_level == "ERROR"
     assert config.service == "django_integration"  # the settings module's project
     assert _identifiers() == ["psycopg", "psycopg_pool", "sqlalchemy", "django"]
+
+
+@pytest.mark.parametrize(
+    ("files", "module", "service"),
+    [
+        # cookiecutter-django: the project is the folder holding config/ (and manage.py)
+        (["my_shop/config/__init__.py", "my_shop/config/settings/__init__.py",
+          "my_shop/config/settings/production.py"], "config.settings.production", "my_shop"),
+        (["billing/src/conf/__init__.py", "billing/src/conf/settings.py"],
+         "conf.settings", "billing"),
+        (["inventory/settings.py"], "settings", "inventory"),
+        (["site/mysite/__init__.py", "site/mysite/settings.py"], "mysite.settings", "mysite"),
+    ],
+    ids=["cookiecutter-config", "src-layout", "top-level-settings-module", "startproject"],
+)  # fmt: skip
+def test_service_defaults_to_the_projects_folder_when_the_settings_package_is_generic(
+    files: list[str],
+    module: str,
+    service: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    root = tmp_path / files[-1].split("/")[0]
+    import_root = root / "src" if (root / "src").is_dir() else root
+    monkeypatch.syspath_prepend(str(import_root))
+    top = module.split(".")[0]
+    monkeypatch.delitem(sys.modules, top, raising=False)
+    try:
+        importlib.import_module(module)  # as Django imports the settings module
+        monkeypatch.setenv("DJANGO_SETTINGS_MODULE", module)
+        monkeypatch.delenv("PGLEAKGUARD_SERVICE", raising=False)
+        assert django_hooks.project_name() == service
+        assert django_hooks.settings_options()["service"] == service
+    finally:
+        for name in [m for m in sys.modules if m == top or m.startswith(top + ".")]:
+            del sys.modules[name]
 
 
 def test_named_integrations_in_settings_always_include_django(settings: Any) -> None:

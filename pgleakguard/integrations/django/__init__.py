@@ -20,10 +20,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import sys
 import threading
 import weakref
 from contextvars import ContextVar
 from functools import wraps
+from pathlib import Path
 from typing import Any
 
 from ... import tagging
@@ -81,14 +83,40 @@ class RequestScope:
 _request: ContextVar[RequestScope | None] = ContextVar("pgleakguard_django_request", default=None)
 
 
+#: First parts of settings modules that name no project (cookiecutter-django's
+#: ``config.settings.production``): the project is the folder that holds them.
+_GENERIC_NAMES = frozenset({"config", "settings", "core", "project", "conf", "src"})
+
+
 def project_name() -> str | None:
-    """The project's name: the first part of the settings module (``mysite.settings``)."""
+    """The project's name: the first part of the settings module (``mysite.settings``);
+    when that is a generic name (``config.settings.production``), the name of the folder
+    holding it (the project's folder, where manage.py is)."""
     from django.conf import settings
 
     module = os.environ.get("DJANGO_SETTINGS_MODULE")
     if not module and settings.configured:
         module = getattr(settings, "SETTINGS_MODULE", None)
-    return module.split(".")[0] if module else None
+    if not module:
+        return None
+    top = module.split(".")[0]
+    if top in _GENERIC_NAMES:
+        folder = _folder_holding(top)
+        while folder is not None and folder.name in _GENERIC_NAMES:  # src/config/...
+            folder = folder.parent
+        if folder is not None and folder.name:
+            return folder.name
+    return top
+
+
+def _folder_holding(name: str) -> Path | None:
+    """The folder that holds the imported module or package ``name``."""
+    module = sys.modules.get(name)
+    paths = list(getattr(module, "__path__", None) or [])  # a package: its own folder
+    if paths:
+        return Path(paths[0]).resolve().parent
+    file = getattr(module, "__file__", None)
+    return Path(file).resolve().parent if file else None
 
 
 def settings_options() -> dict[str, Any]:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
+from django.core import checks
 from django.core.handlers.asgi import ASGIHandler
 
 import pgleakguard
@@ -110,3 +112,39 @@ async def test_persistent_connections_under_asgi_end_with_each_requests_thread(
     assert (
         sorted(e.kind for e in events.leaks()) == ["garbage_collected"] * 2 + ["owner_exited"] * 2
     )
+
+
+W002 = (
+    "DATABASES['default'] has CONN_MAX_AGE=60 under ASGI: each request leaves its connection "
+    "open in a thread that has ended, until the garbage collector closes it (each is "
+    "reported as a leak).",
+    "Use CONN_MAX_AGE = 0, or Django's native pool (OPTIONS['pool'], Django 5.1+), under ASGI.",
+)
+
+
+def _w002() -> list[tuple[str, str]]:
+    return [(m.msg, m.hint) for m in checks.run_checks() if m.id == "pgleakguard.W002"]
+
+
+def test_system_check_warns_of_persistent_connections_when_asgi_application_is_set(
+    persistent: dict[str, Any], settings: Any, install: Callable[..., EventLog]
+) -> None:
+    install()
+    assert _w002() == []  # WSGI, as far as anyone can tell
+    settings.ASGI_APPLICATION = "shop.asgi.application"
+    assert _w002() == [W002]  # the pooled alias (CONN_MAX_AGE 0) is fine
+    persistent["CONN_MAX_AGE"] = 0
+    assert _w002() == []
+
+
+async def test_first_asgi_request_logs_the_persistent_connections_warning_once(
+    persistent: dict[str, Any], install: Callable[..., EventLog], caplog: pytest.LogCaptureFixture
+) -> None:
+    install()
+    with caplog.at_level(logging.WARNING, logger="pgleakguard"):
+        for _ in range(3):
+            assert await get(ASGIHandler(), "/ping/") == (200, b"pong")
+    assert [r.getMessage() for r in caplog.records if r.name == "pgleakguard"] == [
+        f"pgleakguard: {W002[0]} {W002[1]}"
+    ]
+    assert await asyncio.to_thread(_w002) == [W002]  # and manage.py check says it too

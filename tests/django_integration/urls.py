@@ -7,6 +7,7 @@ from django.urls import path
 from . import views
 
 urlpatterns = [
+    path("ping/", views.ping),
     path("count/", views.count),
     path("atomic-leak/", views.atomic_leak),
     path("thread-leak/", views.thread_leak),

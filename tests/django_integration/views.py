@@ -16,6 +16,10 @@ import pgleakguard
 LEAKED: list[Any] = []
 
 
+def ping(request: HttpRequest) -> HttpResponse:
+    return HttpResponse("pong")
+
+
 def count(request: HttpRequest) -> HttpResponse:
     return HttpResponse(str(ContentType.objects.count()))
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ... import tagging
-from ..._safety import guard, record_internal_error, safe_call
+from ..._safety import guard, logger, record_internal_error, safe_call
 from ...callsite import AWAITING, Stack, capture
 from ...drivers import application_name_of, backend_pid
 from ...events import SCOPE_ENDED
@@ -56,6 +56,8 @@ _FINISHED_UID = "pgleakguard.request_finished"
 _installations = itertools.count(1)
 _main_thread = threading.main_thread()
 _current_thread = threading.current_thread
+#: Django's ASGIHandler has served a request in this process (since install).
+_asgi_served = False
 
 
 class RequestScope:
@@ -153,6 +155,8 @@ class DjangoIntegration(Integration):
     # -- enabling -------------------------------------------------------------------------
 
     def setup(self) -> None:
+        global _asgi_served
+        _asgi_served = False
         self._hook_wrapper(BaseDatabaseWrapper)
         self._hook_connection_params()
         self._hook_sync_to_async()
@@ -229,11 +233,12 @@ class DjangoIntegration(Integration):
         original: Any = SyncToAsync.__call__
 
         async def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-            token = AWAITING.set(asyncio.current_task())
+            token = safe_call(_awaiting_here, default=None)
             try:
                 return await original(self, *args, **kwargs)
             finally:
-                AWAITING.reset(token)
+                if token is not None:
+                    safe_call(AWAITING.reset, token, default=None)
 
         self.patcher.patch(SyncToAsync, "__call__", wraps(original)(call))
 
@@ -245,6 +250,11 @@ class DjangoIntegration(Integration):
         original: Any = ASGIHandler.__call__
 
         def open_scope(scope: Any) -> Any:
+            global _asgi_served
+            if not _asgi_served:
+                _asgi_served = True
+                for warning in persistent_connections_under_asgi():
+                    logger.warning("pgleakguard: %s %s", warning[0], warning[1])
             return _request.set(RequestScope(_describe({"scope": scope})))
 
         async def call(self: Any, scope: Any, receive: Any, send: Any) -> Any:
@@ -413,6 +423,36 @@ class DjangoIntegration(Integration):
             rec = wrapper.__dict__.get(self.attr)
             if rec is not None and SCOPE_ENDED not in rec.reported:
                 self.tracker.park(rec)
+
+
+def _awaiting_here() -> Any:
+    return AWAITING.set(asyncio.current_task())
+
+
+def persistent_connections_under_asgi() -> list[tuple[str, str]]:
+    """(problem, fix) for each PostgreSQL alias with persistent connections when this
+    project is served over ASGI (``settings.ASGI_APPLICATION``, or a request already
+    served by Django's ASGIHandler): Django runs a request's sync code in a thread that
+    ends with the request, and its connection stays open until the garbage collector
+    closes it."""
+    from django.conf import settings
+
+    if not (_asgi_served or getattr(settings, "ASGI_APPLICATION", None)):
+        return []
+    out = []
+    for alias in connections:
+        max_age = connections.settings[alias].get("CONN_MAX_AGE", 0)
+        if max_age != 0 and connections[alias].vendor == "postgresql":
+            out.append(
+                (
+                    f"DATABASES[{alias!r}] has CONN_MAX_AGE={max_age!r} under ASGI: each "
+                    "request leaves its connection open in a thread that has ended, until "
+                    "the garbage collector closes it (each is reported as a leak).",
+                    "Use CONN_MAX_AGE = 0, or Django's native pool (OPTIONS['pool'], "
+                    "Django 5.1+), under ASGI.",
+                )
+            )
+    return out
 
 
 def _describe(kwargs: dict[str, Any]) -> str:

@@ -33,6 +33,7 @@ class PgLeakGuardConfig(AppConfig):  # type: ignore[misc]
         from . import settings_options
 
         checks.register(check_installed, "pgleakguard")
+        checks.register(check_persistent_connections_under_asgi, "pgleakguard")
         if pgleakguard.stats()["installed"] and not getattr(settings, "PGLEAKGUARD", None):
             return
         try:
@@ -54,4 +55,18 @@ def check_installed(app_configs: Any = None, **kwargs: Any) -> list[checks.Check
             hint="Fix settings.PGLEAKGUARD or the PGLEAKGUARD_* environment variables.",
             id="pgleakguard.W001",
         )
+    ]
+
+
+def check_persistent_connections_under_asgi(
+    app_configs: Any = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """System check: a warning for persistent connections (CONN_MAX_AGE > 0 or None) when
+    the project is served over ASGI, where Django leaks one per request (Django's docs say
+    to disable them under ASGI)."""
+    from . import persistent_connections_under_asgi
+
+    return [
+        checks.Warning(problem, hint=fix, id="pgleakguard.W002")
+        for problem, fix in persistent_connections_under_asgi()
     ]

@@ -26,9 +26,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
-def persistent() -> Iterator[dict[str, Any]]:
-    """CONN_MAX_AGE = 60 for the test."""
-    with database_settings(CONN_MAX_AGE=60) as settings_dict:
+def persistent(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    """CONN_MAX_AGE = 60 (or the indirect parameter: None, unlimited) for the test."""
+    with database_settings(CONN_MAX_AGE=getattr(request, "param", 60)) as settings_dict:
         yield settings_dict
 
 
@@ -84,6 +84,7 @@ async def test_atomic_requests_name_the_sync_views_query_under_asgi(
     assert event.holder.startswith("ThreadPoolExecutor-")
 
 
+@pytest.mark.parametrize("persistent", [60, None], indirect=True, ids=["60", "None"])
 @pytest.mark.filterwarnings("ignore::ResourceWarning")  # psycopg, on the collected ones
 async def test_persistent_connections_under_asgi_end_with_each_requests_thread(
     persistent: dict[str, Any], events: EventLog, pg_dsn: str

@@ -180,8 +180,8 @@ def test_uninstall_restores_everything_and_keeps_djangos_own_receivers() -> None
 
 
 @pytest.mark.django_db(transaction=True)
-def test_application_name_is_the_project_name_unless_options_set_one(
-    install: Callable[..., EventLog],
+def test_application_name_is_the_project_name_unless_options_or_pgappname_set_one(
+    install: Callable[..., EventLog], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     install(service=None)
 
@@ -200,6 +200,11 @@ def test_application_name_is_the_project_name_unless_options_set_one(
     with database_settings(OPTIONS={**options, "application_name": "billing api"}):
         assert server_side() == f"billing-api/pid:{os.getpid()}"  # kept as the service part
         assert tagging.parse(server_side()) == tagging.Tag("billing-api", os.getpid())
+    monkeypatch.setenv("PGAPPNAME", "billing worker")  # libpq's variable: kept the same way
+    with database_settings():
+        assert server_side() == f"billing-worker/pid:{os.getpid()}"
+        [held] = pgleakguard.open_checkouts()
+        assert held.application_name == f"billing-worker/pid:{os.getpid()}"
 
 
 def manage_py(*argv: str) -> None:

@@ -15,6 +15,8 @@ urlpatterns = [
     path("pooled-leak/", views.pooled_leak),
     path("async-count/", views.async_count),
     path("async-executor-leak/", views.async_executor_leak),
+    path("async-executor-pooled-leak/", views.async_executor_pooled_leak),
+    path("async-pooled/", views.async_pooled_count),
     path("pid/", views.backend_pid),
     path("slow/", views.slow_report),
     path("held/", views.held_until_released),

@@ -80,6 +80,23 @@ async def async_executor_leak(request: HttpRequest) -> HttpResponse:
     return HttpResponse(str(n))
 
 
+def unreturned_pooled_query() -> int:
+    """Runs in the default executor: nothing gives that thread's pool connection back."""
+    n = ContentType.objects.using("pooled").count()  # leak: executor-pooled
+    LEAKED.append(connections["pooled"])
+    return n
+
+
+async def async_executor_pooled_leak(request: HttpRequest) -> HttpResponse:
+    n = await sync_to_async(unreturned_pooled_query, thread_sensitive=False)()
+    return HttpResponse(str(n))
+
+
+async def async_pooled_count(request: HttpRequest) -> HttpResponse:
+    n = await ContentType.objects.using("pooled").acount()
+    return HttpResponse(str(n))
+
+
 def backend_pid(request: HttpRequest) -> HttpResponse:
     with connections["default"].cursor() as cursor:  # leak: pid-view
         cursor.execute("SELECT pg_backend_pid()")

@@ -10,6 +10,8 @@ from django.apps import AppConfig
 from django.conf import settings
 from django.core import checks
 
+from ..._safety import record_internal_error, safe_call
+
 logger = logging.getLogger("pgleakguard")
 
 _install_error: str | None = None
@@ -41,6 +43,9 @@ class PgLeakGuardConfig(AppConfig):  # type: ignore[misc]
         except (TypeError, ValueError, pgleakguard.DidNotEnable) as exc:
             _install_error = str(exc)
             logger.error("pgleakguard is not installed: %s", exc)
+        except Exception as exc:  # a bug of ours: Django starts all the same
+            _install_error = f"internal error {exc!r} (logged on the pgleakguard logger)"
+            record_internal_error(exc)
         else:
             _install_error = None
 
@@ -66,7 +71,5 @@ def check_persistent_connections_under_asgi(
     to disable them under ASGI)."""
     from . import persistent_connections_under_asgi
 
-    return [
-        checks.Warning(problem, hint=fix, id="pgleakguard.W002")
-        for problem, fix in persistent_connections_under_asgi()
-    ]
+    found: list[tuple[str, str]] = safe_call(persistent_connections_under_asgi, default=[])
+    return [checks.Warning(problem, hint=fix, id="pgleakguard.W002") for problem, fix in found]

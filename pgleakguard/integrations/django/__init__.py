@@ -151,6 +151,9 @@ class DjangoIntegration(Integration):
         self.unnamed_attr = self.attr + "_unnamed"
         config = tracker.config
         self._depth = config.stack_depth if config.capture_stack else 1  # as the tracker's
+        # Per thread, the DatabaseWrappers it tracked (a thread's Django connections are its
+        # own): cheaper than connections.all(), which costs more than the rest of a request.
+        self._wrappers = threading.local()
 
     # -- enabling -------------------------------------------------------------------------
 
@@ -184,12 +187,14 @@ class DjangoIntegration(Integration):
 
         def ensure_connection(self: Any) -> None:
             orig_ensure(self)
-            with guard():
+            try:  # guard() without its context manager's cost: Django calls this per query
                 rec = self.__dict__.get(attr)
                 if rec is None or rec.parked or rec.closed:
                     integration.touched(self, rec)
                 elif unnamed in self.__dict__:
                     integration.named_later(self, rec)
+            except Exception as exc:
+                record_internal_error(exc)
 
         def close(self: Any) -> None:
             rec = conn = None
@@ -359,6 +364,11 @@ class DjangoIntegration(Integration):
             if conn_dict is not None:  # psycopg 3 follows the transaction status there
                 conn_dict[CHECKOUT_ATTR] = rec
         wrapper.__dict__[self.attr] = rec
+        try:
+            tracked = self._wrappers.tracked
+        except AttributeError:  # this thread's first
+            tracked = self._wrappers.tracked = {}
+        tracked[id(wrapper)] = weakref.ref(wrapper)
         return rec
 
     def closed(self, wrapper: Any, conn: Any, rec: Checkout) -> None:
@@ -378,7 +388,7 @@ class DjangoIntegration(Integration):
 
     def request_started(self, sender: Any, **kwargs: Any) -> None:
         """Receiver of ``request_started``: open the request's scope."""
-        with guard():
+        try:  # guard() without its context manager's cost (per request)
             scope = _request.get()
             if scope is None or scope.started:
                 scope = RequestScope(_describe(kwargs))
@@ -386,6 +396,8 @@ class DjangoIntegration(Integration):
             scope.started = True
             scope.entry = capture(1)
             self._park_thread_connections()
+        except Exception as exc:
+            record_internal_error(exc)
 
     def request_finished(self, sender: Any, **kwargs: Any) -> None:
         """Receiver of ``request_finished`` (before Django's close_old_connections)."""
@@ -418,7 +430,10 @@ class DjangoIntegration(Integration):
 
     def _park_thread_connections(self) -> None:
         # What survives a request (a persistent connection) is Django's until the next one.
-        for wrapper in connections.all(initialized_only=True):
+        for ref in list(getattr(self._wrappers, "tracked", {}).values()):
+            wrapper = ref()
+            if wrapper is None:
+                continue
             wrapper.__dict__.pop(self.unnamed_attr, None)
             rec = wrapper.__dict__.get(self.attr)
             if rec is not None and SCOPE_ENDED not in rec.reported:

@@ -7,9 +7,10 @@ Enable it with ``"pgleakguard.integrations.django"`` in INSTALLED_APPS (options 
 
 Between requests Django keeps a persistent connection (CONN_MAX_AGE > 0) for the next one,
 and the main thread's connection (a management command, the shell, the test runner's
-test-database connection) for the life of the process: those are *parked*, and only a
-thread that ends holding one is reported, or, on the main thread, a transaction the
-application leaves idle on it (idle_in_transaction). A request's first use of a connection starts a
+test-database connection) for the life of the process: those are *parked*: reported
+only when the thread holding one ends and it is still open leak_threshold later (the
+watchdog's rule), or, on the main thread, when the application leaves a transaction idle
+on it (idle_in_transaction). A request's first use of a connection starts a
 new checkout, named after the request's own code: when Django itself made that use before
 the view ran (ATOMIC_REQUESTS opens the view's transaction), it is named after the next use
 the application makes.

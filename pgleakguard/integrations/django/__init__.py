@@ -10,10 +10,10 @@ and the main thread's connection (a management command, the shell, the test runn
 test-database connection) for the life of the process: those are *parked*: reported
 only when the thread holding one ends and it is still open leak_threshold later (the
 watchdog's rule), or, on the main thread, when the application leaves a transaction idle
-on it (idle_in_transaction). A request's first use of a connection starts a
-new checkout, named after the request's own code: when Django itself made that use before
-the view ran (ATOMIC_REQUESTS opens the view's transaction), it is named after the next use
-the application makes.
+on it (idle_in_transaction). A request's first use of a connection starts a new checkout,
+named after the request's own code: when Django itself made that use before the view ran
+(ATOMIC_REQUESTS opens the view's transaction), it is named after the next use the
+application makes.
 """
 
 from __future__ import annotations

@@ -79,6 +79,7 @@ class Checkout:
         "reported",
         "closed",
         "parked",
+        "watch_transaction",
         "conn_ref",
         "details",
         "span",
@@ -105,6 +106,10 @@ class Checkout:
     #: Kept open for reuse by a framework (a persistent Django connection between
     #: requests): no application code holds it, so only owner_exited applies.
     parked: bool
+    #: Parked, but a transaction left idle on it is still reported (idle_in_transaction):
+    #: its age is no leak, an idle transaction is (Django's main-thread connection in a
+    #: management command or a task).
+    watch_transaction: bool
     conn_ref: _ConnRef | None
     details: dict[str, Any] | None
     span: Any  # the optional per-checkout OpenTelemetry span
@@ -277,7 +282,7 @@ class Tracker:
         rec.tx_status = rec.trace_id = rec.span_id = rec.details = rec.span = None
         rec.reported = ()
         rec.closed = False
-        rec.parked = False
+        rec.parked = rec.watch_transaction = False
         ref = rec.conn_ref = _ConnRef(conn, self._collected)
         ref.checkout = rec
         open_[checkout_id] = rec  # a single dict store: atomic, no lock needed
@@ -339,12 +344,16 @@ class Tracker:
             except Exception as exc:
                 record_internal_error(exc)
 
-    def park(self, rec: Checkout) -> None:
+    def park(self, rec: Checkout, watch_transaction: bool = False) -> None:
         """A framework takes the connection back and keeps it open for reuse (Django's
         persistent connection between requests). No application code holds it now, so
-        only owner_exited is reported until :meth:`resume`; a reported checkout is over
-        (a ReturnedEvent says after how long)."""
-        if rec.parked or rec.closed:
+        only owner_exited is reported until :meth:`resume` (and idle_in_transaction, with
+        ``watch_transaction``); a reported checkout is over (a ReturnedEvent says after
+        how long). Parking a parked checkout again sets ``watch_transaction`` only."""
+        if rec.closed:
+            return
+        rec.watch_transaction = watch_transaction
+        if rec.parked:
             return
         rec.parked = True
         if rec.reported:

@@ -27,6 +27,8 @@ class Watchdog:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self.scans = 0
+        # Parked checkouts whose owner has ended, by checkout id: when a scan first saw it.
+        self._orphaned: dict[int, float] = {}
         #: Called before each scheduled scan (the OpenTelemetry layer's provider check).
         self.tick: Callable[[], None] | None = None
 
@@ -81,6 +83,7 @@ class Watchdog:
         idle_since = now - self.idle_threshold
         # Many checkouts share an owner: ask each owner once per scan.
         owner_alive: dict[int, bool] = {}
+        orphaned, self._orphaned = self._orphaned, {}
         for rec in tracker.registry.snapshot():
             if rec.closed:
                 continue
@@ -96,12 +99,23 @@ class Watchdog:
             if alive is None:
                 alive = owner_alive[key] = rec.owner_alive()
             if not alive:
-                if OWNER_EXITED not in rec.reported:
-                    tracker.report(rec, OWNER_EXITED)
+                if OWNER_EXITED in rec.reported:
+                    continue
+                if rec.parked:
+                    # A framework's connection kept for reuse (Django's persistent one) whose
+                    # thread ended: a worker that stops (gunicorn's gthread at max_requests)
+                    # takes it down with its process in a moment. Still open leak_threshold
+                    # after the end was seen, it is leaked (until the garbage collector frees
+                    # it, reported then as garbage_collected).
+                    seen = self._orphaned[rec.id] = orphaned.get(rec.id, now)
+                    if seen > held_since:
+                        continue
+                tracker.report(rec, OWNER_EXITED)
                 continue
             if rec.parked:
-                continue
-            if rec.started < held_since and HELD_TOO_LONG not in rec.reported:
+                if not rec.watch_transaction:
+                    continue
+            elif rec.started < held_since and HELD_TOO_LONG not in rec.reported:
                 tracker.report(rec, HELD_TOO_LONG)
             if (
                 (tx in (TX_INTRANS, TX_INERROR))

@@ -46,6 +46,7 @@ def django_db_modify_db_settings(
 def _forget_leaked() -> Iterator[None]:
     yield
     views.LEAKED.clear()
+    views.RELEASE.clear()
 
 
 @pytest.fixture(scope="session")

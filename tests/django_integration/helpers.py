@@ -25,7 +25,7 @@ def wsgi_get(handler: WSGIHandler, path: str) -> tuple[str, bytes]:
     try:
         body = b"".join(response)
     finally:
-        response.close()  # sends request_finished
+        response.close()  # leak: request-finished (sends request_finished)
     return status[0], body
 
 

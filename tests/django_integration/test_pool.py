@@ -3,6 +3,7 @@ named after the view or job; a PoolTimeout names the holders."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from typing import Any, Callable
@@ -10,6 +11,7 @@ from typing import Any, Callable
 import django
 import pytest
 from django.conf import settings
+from django.core.handlers.asgi import ASGIHandler
 from django.core.handlers.wsgi import WSGIHandler
 from django.db import OperationalError
 from django.test import Client
@@ -18,7 +20,7 @@ import pgleakguard
 from pgleakguard import CallSite
 
 from . import views
-from .helpers import close_from_here, wsgi_get
+from .helpers import asgi_get, close_from_here, wsgi_get
 from conftest import EventLog, marked_line
 
 VIEWS = views.__file__
@@ -81,3 +83,38 @@ def test_threads_that_keep_pool_connections_and_the_pool_timeout_that_follows(
     pgleakguard.check()
     assert sorted(e.kinds for e in events.returned()) == [("owner_exited",)] * 2
     assert [e.kind for e in events.leaks()] == ["owner_exited", "owner_exited"]
+
+
+async def test_pool_connection_a_request_leaves_checked_out_in_another_thread_is_scope_ended(
+    pooled: Any, events: EventLog
+) -> None:
+    status, _ = await asgi_get(ASGIHandler(), "/async-executor-pooled-leak/")
+    assert status == 200
+    [event] = await asyncio.to_thread(events.wait_for, "scope_ended")
+    line = marked_line(VIEWS, "executor-pooled")
+    assert event.callsite == CallSite(VIEWS, line, "unreturned_pooled_query")
+    assert event.details == {
+        "scope": "request GET /async-executor-pooled-leak/",
+        "state": "still checked out from the pool",
+    }
+    assert (event.integration, event.pool) == ("psycopg_pool", pooled.pool.name)
+    assert event.holder.startswith("asyncio_") and event.holder_alive
+    await asyncio.to_thread(close_from_here, views.LEAKED.pop())  # back to the pool
+    returned = await asyncio.to_thread(events.wait_returned)
+    assert returned.checkout_id == event.checkout_id
+    assert pooled.pool.get_stats()["pool_available"] >= 1
+
+
+async def test_asgi_requests_on_the_native_pool_report_nothing(
+    pooled: Any, install: Callable[..., EventLog]
+) -> None:
+    events = install(leak_threshold=0.5, idle_in_transaction_threshold=0.5)
+    handler = ASGIHandler()
+    for _ in range(20):
+        status, body = await asgi_get(handler, "/async-pooled/")
+        assert (status, int(body) > 0) == (200, True)
+    await asyncio.sleep(0.75)  # past both thresholds: a false positive would show
+    await asyncio.to_thread(pgleakguard.check)
+    assert events == []
+    assert pgleakguard.open_checkouts() == []  # every request gave its connection back
+    assert pooled.pool.get_stats()["pool_available"] >= 1

@@ -4,6 +4,7 @@ nothing, through the test client and through Django's real WSGI handler in real 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,17 +14,19 @@ import psycopg
 import pytest
 from django.contrib.contenttypes.models import ContentType
 from django.core.handlers.wsgi import WSGIHandler
-from django.db import connections
+from django.db import connections, transaction
 from django.test import Client
 
 import pgleakguard
 from pgleakguard import CallSite
 
-from . import views
+from . import helpers, views
 from .helpers import close_from_here, database_settings, wsgi_get
 from conftest import EventLog, marked_line
 
 VIEWS = views.__file__
+HELPERS = helpers.__file__
+PGLEAKGUARD = os.path.dirname(pgleakguard.__file__)
 
 
 def quiet(install: Callable[..., EventLog], seconds: float = 0.5) -> EventLog:
@@ -70,10 +73,12 @@ def test_real_wsgi_handler_reports_the_open_atomic_block_before_django_closes_it
     [event] = events.wait_for("scope_ended")
     assert event.callsite.line == marked_line(VIEWS, "atomic-view")
     assert event.holder == "wsgi-1"
-    # reported from the request's own thread: its stack is Django sending request_finished
+    # reported from the request's own thread while the server closes the response (which
+    # sends request_finished); none of the reporting is in the holder's stack
     assert event.holder_stack is not None
-    assert str(event.holder_stack[0]["file"]).endswith("django/dispatch/dispatcher.py")
-    assert "close" in [f["function"] for f in event.holder_stack[:3]]
+    ours = [(f["line"], f["function"]) for f in event.holder_stack if f["file"] == HELPERS]
+    assert ours == [(marked_line(HELPERS, "request-finished"), "wsgi_get")]
+    assert not [f for f in event.holder_stack if f["file"].startswith(PGLEAKGUARD)]
     # then Django's close_old_connections closed it (rolling the transaction back)
     returned = events.wait_returned()
     assert (returned.checkout_id, returned.kinds) == (event.checkout_id, ("scope_ended",))
@@ -81,18 +86,64 @@ def test_real_wsgi_handler_reports_the_open_atomic_block_before_django_closes_it
     assert [e.kind for e in events.leaks()] == ["scope_ended"]
 
 
+@pytest.mark.parametrize(
+    "request_held",
+    [
+        lambda: wsgi_get(WSGIHandler(), "/held/"),
+        lambda: Client().get("/held/"),
+    ],
+    ids=["real-wsgi-handler", "test-client"],
+)
+@pytest.mark.django_db(transaction=True)
+def test_atomic_requests_name_the_views_query_not_the_server(
+    request_held: Callable[[], object], install: Callable[..., EventLog]
+) -> None:
+    # Django's atomic() takes the connection before the view runs, called from the server
+    events = install(leak_threshold=60, idle_in_transaction_threshold=0.2)
+
+    def serve() -> None:
+        request_held()
+        connections.close_all()  # what a server thread does (the test client leaves it open)
+
+    with database_settings(ATOMIC_REQUESTS=True):
+        server = threading.Thread(target=serve, name="wsgi-1")
+        server.start()
+        try:
+            [event] = events.wait_for("idle_in_transaction")
+        finally:
+            views.RELEASE.set()
+            server.join()
+    line = marked_line(VIEWS, "held-view")
+    assert event.callsite == CallSite(VIEWS, line, "held_until_released")
+    assert event.stack[0]["code"] == "n = ContentType.objects.count()  # leak: held-view"
+    assert (event.holder, event.transaction_status) == ("wsgi-1", "INTRANS")
+    # Django committed the view's transaction; then the connection was closed
+    returned = events.wait_returned()
+    assert (returned.checkout_id, returned.callsite) == (event.checkout_id, event.callsite)
+    assert [e.kind for e in events.leaks()] == ["idle_in_transaction"]
+
+
 @pytest.mark.parametrize("max_age", [0, 60])
 @pytest.mark.django_db(transaction=True)
-def test_200_test_client_requests_report_nothing(
-    max_age: int, client: Client, install: Callable[..., EventLog]
+def test_200_requests_in_the_main_thread_report_nothing(
+    max_age: int, install: Callable[..., EventLog]
 ) -> None:
+    # the real WSGI handler (the test client keeps the connection whatever CONN_MAX_AGE says)
     events = quiet(install)
+    handler = WSGIHandler()
     with database_settings(CONN_MAX_AGE=max_age):
+        pids = []
         for _ in range(200):
-            assert client.get("/count/").status_code == 200
+            status, body = wsgi_get(handler, "/pid/")
+            assert status == "200 OK"
+            pids.append(int(body))
         wait_past_thresholds()
-        [held] = pgleakguard.open_checkouts()  # the test client keeps it; Django's to close
-        assert held.holder == "MainThread"
+        held = pgleakguard.open_checkouts()
+    if max_age == 0:  # Django closed each request's connection
+        assert (len(set(pids)), held) == (200, [])
+    else:  # one persistent connection, parked between requests
+        assert len(set(pids)) == 1
+        assert [(h.holder, h.backend_pid) for h in held] == [("MainThread", pids[0])]
     assert events == []
 
 
@@ -166,8 +217,11 @@ def test_pytest_djangos_test_database_connection_is_not_a_leak(
 ) -> None:
     events = quiet(install)
     ContentType.objects.count()  # inside pytest-django's per-test atomic block
-    for _ in range(3):
+    for _ in range(50):
         assert client.get("/count/").status_code == 200
+    with transaction.atomic():  # the test's own atomic block, inside the test case's
+        ContentType.objects.count()
+        wait_past_thresholds()  # the transaction is the test case's: not idle_in_transaction
     wait_past_thresholds()
     [held] = pgleakguard.open_checkouts()
     assert (held.holder, held.transaction_status) == ("MainThread", "INTRANS")

@@ -7,21 +7,25 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 from django.contrib.contenttypes.models import ContentType
+from django.core.handlers.wsgi import WSGIHandler
 from django.db import connection, connections, transaction
 
 import pgleakguard
 from pgleakguard import CallSite
 
-from .helpers import close_from_here, session, wait_gone
+from . import views
+from .helpers import close_from_here, database_settings, session, wait_gone, wsgi_get
 from conftest import EventLog, marked_line
 
 HERE = __file__
+VIEWS = views.__file__
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
@@ -103,17 +107,129 @@ def test_worker_idle_inside_a_transaction(install: Callable[..., EventLog]) -> N
     assert events.wait_returned().kinds == ("idle_in_transaction",)
 
 
-def test_main_thread_connection_outside_requests_is_never_reported(
+def test_main_threads_transaction_left_idle_outside_requests_is_idle_in_transaction(
     install: Callable[..., EventLog],
 ) -> None:
-    events = install(leak_threshold=0.1, idle_in_transaction_threshold=0.1)
+    # a management command, a cron job, a Celery prefork task: the main thread's connection
+    events = install(leak_threshold=0.1, idle_in_transaction_threshold=0.2)
+    ContentType.objects.count()  # its age is no leak: it is Django's for the process
     with transaction.atomic():
-        ContentType.objects.count()
-        [held] = pgleakguard.open_checkouts()
-        assert (held.holder, held.integration) == ("MainThread", "django")
-        threading.Event().wait(0.3)  # three thresholds, in a transaction, in the main thread
+        ContentType.objects.filter(app_label="auth").count()  # leak: dj-main-idle
+        [first] = events.wait_for("idle_in_transaction")
+    with transaction.atomic():
+        ContentType.objects.filter(app_label="admin").count()  # leak: dj-main-idle-2
+        second = events.wait_for("idle_in_transaction", count=2)[1]
+    name = "test_main_threads_transaction_left_idle_outside_requests_is_idle_in_transaction"
+    assert first.callsite == CallSite(HERE, marked_line(HERE, "dj-main-idle"), name)
+    assert second.callsite == CallSite(HERE, marked_line(HERE, "dj-main-idle-2"), name)
+    assert second.checkout_id > first.checkout_id  # each transaction is a checkout of its own
+    for event in (first, second):
+        assert (event.holder, event.transaction_status) == ("MainThread", "INTRANS")
+        assert event.severity == "suspected"
+    ContentType.objects.count()  # committed: nothing to report, however long it stays open
+    pgleakguard.check()
+    assert [e.kind for e in events.leaks()] == ["idle_in_transaction"] * 2
+    [held] = pgleakguard.open_checkouts()
+    assert (held.holder, held.transaction_status) == ("MainThread", "IDLE")
+
+
+def test_persistent_connection_of_an_ended_worker_thread_is_owner_exited_after_leak_threshold(
+    install: Callable[..., EventLog],
+) -> None:
+    # A thread that ends with its persistent connection parked: leaked until the garbage
+    # collector frees it; but a stopping worker (gunicorn gthread at max_requests) takes it
+    # down with its process in a moment, so it is reported only if still open leak_threshold
+    # after the watchdog saw the end.
+    events = install(leak_threshold=2.0, idle_in_transaction_threshold=30)
+    handler = WSGIHandler()
+    kept: list[tuple[Any, int]] = []
+
+    def worker() -> None:
+        for _ in range(3):
+            status, body = wsgi_get(handler, "/pid/")
+        kept.append((connections["default"], int(body)))
+
+    with database_settings(CONN_MAX_AGE=60):
+        thread = threading.Thread(target=worker, name="gthread-1")
+        thread.start()
+        thread.join()
+        ended = time.time()
         pgleakguard.check()
-    assert events == []
+        assert events == []
+        [event] = events.wait_for("owner_exited")
+    wrapper, pid = kept[0]
+    assert event.detected_at - ended >= 2.0
+    assert event.callsite == CallSite(VIEWS, marked_line(VIEWS, "pid-view"), "backend_pid")
+    assert (event.holder, event.holder_alive, event.backend_pid) == ("gthread-1", False, pid)
+    close_from_here(wrapper)
+    assert events.wait_returned().checkout_id == event.checkout_id
+    assert [e.kind for e in events.leaks()] == ["owner_exited"]
+
+
+_RECYCLED_WORKER_SCRIPT = """
+import threading, wsgiref.util, django
+from django.conf import settings
+from django.http import HttpResponse
+from django.urls import path
+
+def view(request):
+    from django.db import connection
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+    return HttpResponse("ok")
+
+urlpatterns = [path("", view)]
+settings.configure(
+    ROOT_URLCONF=__name__,
+    ALLOWED_HOSTS=["*"],
+    INSTALLED_APPS=["pgleakguard.integrations.django"],
+    PGLEAKGUARD={"leak_threshold": 60, "idle_in_transaction_threshold": 0.04},
+    DATABASES={"default": {"ENGINE": "django.db.backends.postgresql", "NAME": %(name)r,
+                           "USER": %(user)r, "HOST": %(host)r, "PORT": %(port)r,
+                           "CONN_MAX_AGE": 60}},
+)
+django.setup()
+import pgleakguard
+from django.core.handlers.wsgi import WSGIHandler
+
+handler = WSGIHandler()
+
+def serve():
+    for _ in range(3):
+        environ = {}
+        wsgiref.util.setup_testing_defaults(environ)
+        response = handler(environ, lambda status, headers: None)
+        b"".join(response)
+        response.close()
+
+worker = threading.Thread(target=serve, name="gthread-1")
+worker.start()
+worker.join()  # the worker reached max_requests: its threads end, then its process
+scans = pgleakguard.stats()["watchdog_scans"]
+while pgleakguard.stats()["watchdog_scans"] < scans + 3:  # the watchdog sees the ended thread
+    threading.Event().wait(0.01)
+print("parked:", len(pgleakguard.open_checkouts()))
+"""
+
+
+def test_worker_that_stops_with_its_persistent_connections_reports_nothing(
+    tmp_path: Path,
+) -> None:
+    db = connections["default"].settings_dict
+    script = tmp_path / "recycled_worker.py"
+    script.write_text(
+        _RECYCLED_WORKER_SCRIPT
+        % {"name": db["NAME"], "user": db["USER"], "host": db["HOST"], "port": db["PORT"]}
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        env=dict(os.environ, PYTHONPATH=str(Path(pgleakguard.__file__).parent.parent)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (proc.stdout, proc.stderr) == ("parked: 1\n", "")
 
 
 _EXIT_SCRIPT = """

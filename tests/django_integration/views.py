@@ -16,6 +16,10 @@ import pgleakguard
 LEAKED: list[Any] = []
 
 
+def ping(request: HttpRequest) -> HttpResponse:
+    return HttpResponse("pong")
+
+
 def count(request: HttpRequest) -> HttpResponse:
     return HttpResponse(str(ContentType.objects.count()))
 
@@ -76,8 +80,25 @@ async def async_executor_leak(request: HttpRequest) -> HttpResponse:
     return HttpResponse(str(n))
 
 
+def unreturned_pooled_query() -> int:
+    """Runs in the default executor: nothing gives that thread's pool connection back."""
+    n = ContentType.objects.using("pooled").count()  # leak: executor-pooled
+    LEAKED.append(connections["pooled"])
+    return n
+
+
+async def async_executor_pooled_leak(request: HttpRequest) -> HttpResponse:
+    n = await sync_to_async(unreturned_pooled_query, thread_sensitive=False)()
+    return HttpResponse(str(n))
+
+
+async def async_pooled_count(request: HttpRequest) -> HttpResponse:
+    n = await ContentType.objects.using("pooled").acount()
+    return HttpResponse(str(n))
+
+
 def backend_pid(request: HttpRequest) -> HttpResponse:
-    with connections["default"].cursor() as cursor:
+    with connections["default"].cursor() as cursor:  # leak: pid-view
         cursor.execute("SELECT pg_backend_pid()")
         return HttpResponse(str(cursor.fetchone()[0]))
 
@@ -86,4 +107,15 @@ def slow_report(request: HttpRequest) -> HttpResponse:
     """Holds its connection for a while, then finishes normally."""
     n = ContentType.objects.count()  # leak: slow-view
     threading.Event().wait(float(request.GET.get("seconds", "0")))
+    return HttpResponse(str(n))
+
+
+#: Set by a test to let ``held_until_released`` finish.
+RELEASE = threading.Event()
+
+
+def held_until_released(request: HttpRequest) -> HttpResponse:
+    """Queries, then waits (as for a slow API) until the test releases it."""
+    n = ContentType.objects.count()  # leak: held-view
+    RELEASE.wait(10)
     return HttpResponse(str(n))

@@ -10,6 +10,8 @@ from django.apps import AppConfig
 from django.conf import settings
 from django.core import checks
 
+from ..._safety import record_internal_error, safe_call
+
 logger = logging.getLogger("pgleakguard")
 
 _install_error: str | None = None
@@ -33,6 +35,7 @@ class PgLeakGuardConfig(AppConfig):  # type: ignore[misc]
         from . import settings_options
 
         checks.register(check_installed, "pgleakguard")
+        checks.register(check_persistent_connections_under_asgi, "pgleakguard")
         if pgleakguard.stats()["installed"] and not getattr(settings, "PGLEAKGUARD", None):
             return
         try:
@@ -40,6 +43,9 @@ class PgLeakGuardConfig(AppConfig):  # type: ignore[misc]
         except (TypeError, ValueError, pgleakguard.DidNotEnable) as exc:
             _install_error = str(exc)
             logger.error("pgleakguard is not installed: %s", exc)
+        except Exception as exc:  # a bug of ours: Django starts all the same
+            _install_error = f"internal error {exc!r} (logged on the pgleakguard logger)"
+            record_internal_error(exc)
         else:
             _install_error = None
 
@@ -55,3 +61,15 @@ def check_installed(app_configs: Any = None, **kwargs: Any) -> list[checks.Check
             id="pgleakguard.W001",
         )
     ]
+
+
+def check_persistent_connections_under_asgi(
+    app_configs: Any = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """System check: a warning for persistent connections (CONN_MAX_AGE > 0 or None) when
+    the project is served over ASGI, where Django leaks one per request (Django's docs say
+    to disable them under ASGI)."""
+    from . import persistent_connections_under_asgi
+
+    found: list[tuple[str, str]] = safe_call(persistent_connections_under_asgi, default=[])
+    return [checks.Warning(problem, hint=fix, id="pgleakguard.W002") for problem, fix in found]

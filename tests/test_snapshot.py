@@ -14,8 +14,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from cli_terminal import run_in_terminal
 
+from cli_terminal import run_in_terminal
 from conftest import skip_or_fail
 from server_helpers import Leaker, cli, cli_json, leaker_line, leaking_program
 

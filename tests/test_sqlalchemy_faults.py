@@ -18,7 +18,6 @@ import pytest
 import sqlalchemy
 from sqlalchemy import create_engine, exc, text
 from sqlalchemy.ext.asyncio import create_async_engine
-from test_fault_injection import _boom, collect, otel_sdk  # noqa: F401 (otel_sdk: a fixture)
 
 import pgleakguard
 from pgleakguard import _runtime, _safety
@@ -26,6 +25,7 @@ from pgleakguard.integrations import sqlalchemy as sa_hooks
 from pgleakguard.tracker import Tracker
 
 from conftest import EventLog
+from test_fault_injection import _boom, collect, otel_sdk  # noqa: F401 (otel_sdk: a fixture)
 
 pytestmark = pytest.mark.allow_internal_errors
 if sqlalchemy.__version__.startswith("1."):

@@ -13,8 +13,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from cli_terminal import run_in_terminal
 
+from cli_terminal import run_in_terminal
 from server_helpers import cli, ensure_role
 
 FILTERS = ("--idle-for", "500ms", "--application", "billing")

@@ -11,10 +11,10 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import psycopg
-from cli_terminal import CliProcess
 
 from pgleakguard.diagnose.model import STATES
 
+from cli_terminal import CliProcess
 from server_helpers import Leaker, cli, leaker_line, leaking_program
 
 

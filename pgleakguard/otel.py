@@ -13,6 +13,7 @@ socket).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import weakref
 from time import monotonic
@@ -130,11 +131,13 @@ class Telemetry:
             if _configured(provider):
                 self._create_instruments(provider.get_meter("pgleakguard", __version__))
                 self.metrics_on = True
+                _report_before_sdk_shutdown()
         if not self.traces_on:
             provider = self._tracer_provider or trace.get_tracer_provider()
             if _configured(provider):
                 self._tracer = provider.get_tracer("pgleakguard", __version__)
                 self.traces_on = True
+                _report_before_sdk_shutdown()
 
     def _create_instruments(self, meter: Any) -> None:
         self.use_time = meter.create_histogram(
@@ -428,6 +431,21 @@ class Telemetry:
             Observation(now - min(r.started for r in recs), self.attrs(name))
             for name, recs in held.items()
         ]
+
+
+def _exit_report() -> None:
+    from . import _runtime
+
+    _runtime._at_exit()
+
+
+def _report_before_sdk_shutdown() -> None:
+    # The SDK shuts a provider down at exit from an atexit handler registered when the
+    # provider was made, and pgleakguard's exit report (never_closed), registered at import,
+    # would run after it and reach no exporter. atexit runs the last registered first: this
+    # one, (re-)registered once a provider is seen, runs before that provider's shutdown.
+    atexit.unregister(_exit_report)
+    atexit.register(_exit_report)
 
 
 def _leak_attrs(kind: str) -> dict[str, str]:

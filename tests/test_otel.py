@@ -667,3 +667,46 @@ def test_a_failing_pool_name_callback_counts_each_collection(
     otel.metrics()
     # three callbacks read it (count, checkout count, oldest age), twice
     assert _safety.internal_error_count() - before == 6
+
+
+AT_EXIT = """
+import sys, time
+import psycopg
+import pgleakguard
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
+
+pgleakguard.install(leak_threshold=60, otel_checkout_spans=True, service="exit")
+provider = TracerProvider()  # registers its shutdown at exit, after pgleakguard's handler
+provider.add_span_processor(
+    SimpleSpanProcessor(
+        ConsoleSpanExporter(
+            out=sys.stdout,
+            formatter=lambda s: f"{s.name} {s.status.description}\\n",
+        )
+    )
+)
+trace.set_tracer_provider(provider)
+psycopg.connect(sys.argv[1]).close()  # starts the watchdog, which notices the provider
+telemetry = pgleakguard._runtime.current().tracker.telemetry
+deadline = time.monotonic() + 10
+while not telemetry.traces_on and time.monotonic() < deadline:
+    time.sleep(0.01)
+conn = psycopg.connect(sys.argv[1])  # never closed
+"""
+
+
+def test_never_closed_spans_are_exported_before_the_sdk_shuts_down_at_exit(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    script = tmp_path / "at_exit.py"
+    script.write_text(AT_EXIT)
+    proc = subprocess.run(
+        [sys.executable, str(script), pg_dsn], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "pgleakguard.leak connection leak: never_closed",
+        "pgleakguard.checkout connection leak: never_closed",
+    ]

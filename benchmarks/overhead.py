@@ -304,12 +304,40 @@ def otel_peer(engine: Any) -> Peer | None:
 
 
 def otel_sdk() -> tuple[Any, Any]:
-    """An SDK meter and tracer provider whose data go nowhere (a no-op exporter)."""
+    """An SDK meter and tracer provider on a real export path whose exporters drop
+    everything: a PeriodicExportingMetricReader (one export a minute, as a service would
+    configure) and a BatchSpanProcessor."""
     from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.metrics.export import (
+        MetricExporter,
+        MetricExportResult,
+        PeriodicExportingMetricReader,
+    )
     from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
 
-    return MeterProvider(metric_readers=[InMemoryMetricReader()]), TracerProvider()
+    class DropMetrics(MetricExporter):
+        def export(self, metrics_data: Any, timeout_millis: float = 0, **kwargs: Any) -> Any:
+            return MetricExportResult.SUCCESS
+
+        def force_flush(self, timeout_millis: float = 0) -> bool:
+            return True
+
+        def shutdown(self, timeout_millis: float = 0, **kwargs: Any) -> None:
+            pass
+
+    class DropSpans(SpanExporter):
+        def export(self, spans: Any) -> Any:
+            return SpanExportResult.SUCCESS
+
+    reader = PeriodicExportingMetricReader(DropMetrics(), export_interval_millis=60_000)
+    tracers = TracerProvider()
+    tracers.add_span_processor(BatchSpanProcessor(DropSpans()))
+    return MeterProvider(metric_readers=[reader]), tracers
 
 
 # -- rows 4 and 5: scan and memory -----------------------------------------------------------
@@ -607,7 +635,8 @@ def memory_breakdown(rec: Checkout) -> list[tuple[str, int]]:
 def sqlalchemy_rows(
     dsn: str, chain: Chain, pairs: int, warmup: int, n_get: int, n_query: int
 ) -> list[Row]:
-    """Rows 6-10: a SQLAlchemy engine (psycopg driver, QueuePool of 2) bare and instrumented."""
+    """Rows 6-10: a SQLAlchemy engine (psycopg driver, QueuePool of 2) bare and instrumented;
+    then (importing OpenTelemetry) row 6 with an SDK."""
     from sqlalchemy import create_engine
 
     engine = create_engine(
@@ -645,6 +674,10 @@ def sqlalchemy_rows(
                 info_row("10 peer: opentelemetry-instrumentation-sqlalchemy", "wall", p_wall)
             )
             rows.append(info_row("10 peer: opentelemetry-instrumentation-sqlalchemy", "CPU", p_cpu))
+        meters, tracers = otel_sdk()
+        sdk_opts = {**DEFAULT_OPTS, "meter_provider": meters, "tracer_provider": tracers}
+        r6_sdk, _ = bench.pairs(connect, n_get, pairs, warmup, sdk_opts)
+        rows.append(info_row("6 with an OpenTelemetry SDK (no-op export)", "CPU", r6_sdk))
         return rows
     finally:
         engine.dispose()
@@ -823,15 +856,24 @@ def main(argv: list[str] | None = None) -> int:
         aa_q_cpu, aa_q_wall = bench.pairs(query, n_query, pairs, warmup, None)
         r2_cpu, r2_wall = bench.pairs(query, n_query, pairs, warmup, DEFAULT_OPTS)
         r3, _ = bench.pairs(getput, n_get, pairs, warmup, CALLSITE_ONLY_OPTS)
-        meters, tracers = otel_sdk()
-        sdk_opts = {**DEFAULT_OPTS, "meter_provider": meters, "tracer_provider": tracers}
-        r_sdk, _ = bench.pairs(getput, n_get, pairs, warmup, sdk_opts)
-        r_sdk_q_cpu, r_sdk_q_wall = bench.pairs(query, n_query, pairs, warmup, sdk_opts)
-        sa_rows = sqlalchemy_rows(dsn, chain, pairs, warmup, n_get, n_query)
+        # Rows 1-9 and 4-5 run before anything imports OpenTelemetry (the default: the
+        # layer is not attached until the application imports it).
+        assert "opentelemetry" not in sys.modules, "the benchmark imported OpenTelemetry early"
         scan_cpu, scan_wall = scan_ms(chain, scan_runs)
         mem, mem_parts = bytes_per_checkout(chain, TRACKER_OPTS)
         mem_site, _ = bytes_per_checkout(chain, {**TRACKER_OPTS, "capture_stack": False})
         profile = breakdown(bench, 5 if args.quick else 9) if args.breakdown else []
+        sa_rows = sqlalchemy_rows(dsn, chain, pairs, warmup, n_get, n_query)
+        # OpenTelemetry imported, no SDK configured: attached, recording nothing.
+        import opentelemetry.metrics
+        import opentelemetry.trace  # noqa: F401
+
+        aa_otel, _ = bench.pairs(getput, n_get, pairs, warmup, None)
+        r_api, _ = bench.pairs(getput, n_get, pairs, warmup, DEFAULT_OPTS)
+        meters, tracers = otel_sdk()
+        sdk_opts = {**DEFAULT_OPTS, "meter_provider": meters, "tracer_provider": tracers}
+        r_sdk, _ = bench.pairs(getput, n_get, pairs, warmup, sdk_opts)
+        r_sdk_q_cpu, r_sdk_q_wall = bench.pairs(query, n_query, pairs, warmup, sdk_opts)
 
     rows = [
         ratio_row("A/A control: getconn+putconn, both sides bare", "CPU", aa_cpu, None),
@@ -841,10 +883,12 @@ def main(argv: list[str] | None = None) -> int:
         ratio_row("2 getconn+SELECT 1+putconn, stack capture on", "wall", r2_wall, TARGET_QUERY),
         info_row("2 getconn+SELECT 1+putconn, stack capture on", "CPU", r2_cpu),
         ratio_row("3 getconn+putconn, call-site only", "CPU", r3, TARGET_GETPUT),
+        *sa_rows,
+        ratio_row("A/A control: getconn+putconn, OpenTelemetry imported", "CPU", aa_otel, None),
+        info_row("1 with OpenTelemetry imported, no SDK", "CPU", r_api),
         info_row("1 with an OpenTelemetry SDK (no-op export)", "CPU", r_sdk),
         info_row("2 with an OpenTelemetry SDK (no-op export)", "wall", r_sdk_q_wall),
         info_row("2 with an OpenTelemetry SDK (no-op export)", "CPU", r_sdk_q_cpu),
-        *sa_rows,
         Row(
             f"4 watchdog scan of {OPEN_CHECKOUTS:,} open checkouts",
             "CPU",

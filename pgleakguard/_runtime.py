@@ -53,7 +53,7 @@ class Installed:
             config.meter_provider,
             config.tracer_provider,
             config.otel_checkout_spans,
-            self.tracker.registry.snapshot,
+            self.tracker,
         )
         self.tracker.telemetry = telemetry
         self.dispatcher.sinks.append(telemetry)

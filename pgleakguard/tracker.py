@@ -112,7 +112,7 @@ class Checkout:
     watch_transaction: bool
     conn_ref: _ConnRef | None
     details: dict[str, Any] | None
-    span: Any  # the optional per-checkout OpenTelemetry span
+    span: Any  # OpenTelemetry's per-checkout state (pgleakguard.otel.CheckoutTelemetry)
 
     def owner_object(self) -> Any:
         """The owning Thread or Task if it still exists."""
@@ -289,7 +289,8 @@ class Tracker:
         if not self._watching:
             self._start_watching()
         telemetry = self.telemetry
-        if telemetry is not None and telemetry.traces_on:
+        # An unpooled connection is named from the connection, in this thread (no hot path).
+        if telemetry is not None and (telemetry.traces_on or pool is None):
             try:
                 telemetry.checked_out(rec)
             except Exception as exc:
@@ -337,6 +338,10 @@ class Tracker:
         rec.conn_ref = None
         if self.registry._open.pop(rec.id, None) is not None and rec.reported:
             self._pending.append(self._returned_event(rec))
+        self._checked_in(rec)
+
+    def _checked_in(self, rec: Checkout) -> None:
+        # OpenTelemetry: the use time, and the end of the checkout span.
         telemetry = self.telemetry
         if telemetry is not None and (telemetry.metrics_on or rec.span is not None):
             try:
@@ -355,6 +360,7 @@ class Tracker:
         rec.watch_transaction = watch_transaction
         if rec.parked:
             return
+        self._checked_in(rec)  # the request's use of it is over
         rec.parked = True
         if rec.reported:
             self._pending.append(self._returned_event(rec))
@@ -371,6 +377,12 @@ class Tracker:
         rec.reported = ()
         rec.parked = False
         self.registry.add(rec)
+        telemetry = self.telemetry
+        if telemetry is not None:
+            try:
+                telemetry.checked_out(rec)
+            except Exception as exc:
+                record_internal_error(exc)
 
     # -- reporting ------------------------------------------------------------------------
 

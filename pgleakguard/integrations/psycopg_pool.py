@@ -7,7 +7,7 @@ from functools import wraps
 from time import monotonic
 from typing import Any
 
-from .._safety import record_internal_error
+from .._safety import guard, record_internal_error
 from ..tracker import CHECKOUT_ATTR, Checkout, describe_holders
 from . import DidNotEnable, Integration
 
@@ -84,8 +84,9 @@ class PsycopgPoolIntegration(Integration):
             tracker = self.tracker
             telemetry = tracker.telemetry
             if telemetry is not None and telemetry.metrics_on:
-                telemetry.waited(pool.name, monotonic() - started, timed_out=False)
-                telemetry.register_pool(pool.name, pool, pool_stats)
+                with guard():  # a fault in the metrics must not cost the checkout its tracking
+                    telemetry.waited(pool.name, monotonic() - started, timed_out=False)
+                    telemetry.register_pool(pool.name, pool, pool_stats)
             attrs = conn.__dict__
             conn_id, pid, name = attrs.get(META_ATTR) or connection_meta(conn)
             attrs[CHECKOUT_ATTR] = tracker.begin(

@@ -15,6 +15,7 @@ import weakref
 from collections import deque
 from collections.abc import Sequence
 from contextlib import suppress
+from functools import partial
 from time import monotonic, time
 from typing import Any, Callable, Optional
 
@@ -51,6 +52,24 @@ _main_thread = threading.main_thread()
 
 
 _Finding = tuple[str, "Checkout", Optional[dict[str, Any]]]
+
+# Before Python 3.12, asyncio.wait_for runs its awaitable in a task of its own, which ends
+# the moment it hands the connection over: the holder is the task awaiting wait_for.
+_release_waiter = getattr(asyncio.tasks, "_release_waiter", None)
+if sys.version_info >= (3, 12):
+    _release_waiter = None
+
+
+def _wait_for_caller(task: Any) -> Any:
+    """``task``, or the task awaiting it if ``task`` is one that ``asyncio.wait_for`` made
+    (Python < 3.12): wait_for's done callback releases a future that the caller awaits."""
+    for callback, _ in getattr(task, "_callbacks", None) or ():
+        if type(callback) is partial and callback.func is _release_waiter:
+            for wakeup, _ in getattr(callback.args[0], "_callbacks", None) or ():
+                caller = getattr(wakeup, "__self__", None)
+                if isinstance(caller, asyncio.Task):
+                    return _wait_for_caller(caller)  # wait_for inside wait_for
+    return task
 
 
 class Checkout:
@@ -253,7 +272,13 @@ class Tracker:
             return None
         rec = Checkout()
         rec.id = checkout_id = next(self._ids)
-        rec.stack = _capture(self._depth, skip + 1)
+        task: Any = _current_task() if _get_running_loop() is not None else None
+        awaiting = None
+        if task is not None and _release_waiter is not None:
+            holder = _wait_for_caller(task)
+            if holder is not task:  # the stack goes on in the caller's coroutines
+                task = awaiting = holder
+        rec.stack = _capture(self._depth, skip + 1, awaiting)
         rec.connection_id = id(conn) if connection_id is None else connection_id
         rec.integration = integration
         rec.pool = pool
@@ -261,7 +286,6 @@ class Tracker:
         rec.application_name = application_name
         rec.service = self._service
         rec.started = rec.last_activity = monotonic()
-        task: Any = _current_task() if _get_running_loop() is not None else None
         if task is None:
             try:
                 rec.owner, rec.owner_name = _thread_owner.value

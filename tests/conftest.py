@@ -78,6 +78,22 @@ class EventLog(list[Event]):
         raise AssertionError(f"no returned event within {timeout}s")
 
 
+def settle(scans: int = 3, timeout: float = 10.0) -> None:
+    """Let the watchdog run ``scans`` more scans, then deliver every pending event: what has
+    not been reported by then is not going to be (the "reported once" checks)."""
+    from pgleakguard import _runtime
+
+    state = _runtime.current()
+    assert state is not None, "pgleakguard is not installed"
+    target = state.watchdog.scans + scans
+    deadline = time.monotonic() + timeout
+    while state.watchdog.scans < target:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the watchdog did not scan {scans} times within {timeout}s")
+        time.sleep(0.01)
+    pgleakguard.check()
+
+
 @pytest.fixture
 def install() -> Iterator[Callable[..., EventLog]]:
     """``install(**options)`` installs pgleakguard with fast thresholds and returns its events."""

@@ -15,7 +15,7 @@ import psycopg
 import psycopg_pool
 import pytest
 
-from conftest import EventLog, marked_line
+from conftest import EventLog, marked_line, settle
 
 HERE = __file__
 
@@ -36,6 +36,13 @@ async def take_araw(dsn: str) -> psycopg.AsyncConnection[Any]:
 
 async def take_apool(pool: psycopg_pool.AsyncConnectionPool[Any]) -> psycopg.AsyncConnection[Any]:
     return await pool.getconn()  # leak: apool
+
+
+async def take_wait_for(source: Async) -> psycopg.AsyncConnection[Any]:
+    connect = psycopg.AsyncConnection.connect
+    if source.flavor == "araw":
+        return await asyncio.wait_for(connect(source.dsn), 5)  # leak: wf-araw
+    return await asyncio.wait_for(source.pool.getconn(), 5)  # leak: wf-apool
 
 
 class Sync:
@@ -142,6 +149,25 @@ def test_idle_in_transaction_names_the_line(sync: Sync, install: Any, pg_dsn: st
     sync.give_back(conn)
 
 
+def test_a_long_statement_in_a_transaction_is_not_idle_but_the_idle_after_it_is(
+    sync: Sync, install: Any
+) -> None:
+    events = install(leak_threshold=60, idle_in_transaction_threshold=0.3)
+    conn = sync.take()
+    conn.execute("SELECT 1")  # opens a transaction
+    conn.execute("SELECT pg_sleep(1.5)")  # five thresholds long, but running, not idle
+    import pgleakguard
+
+    pgleakguard.check()  # deliver whatever the watchdog found while the statement ran
+    assert events.leaks() == []
+    [event] = events.wait_for("idle_in_transaction")  # the idle after it is reported
+    assert_names_line(event, sync)
+    assert event.transaction_status == "INTRANS"
+    assert event.age >= 1.8 and 0.3 <= event.idle < event.age - 1.5
+    conn.rollback()
+    sync.give_back(conn)
+
+
 def test_owner_exited_when_thread_ends_holding_it(sync: Sync, events: EventLog) -> None:
     kept: list[Any] = []
     worker = threading.Thread(target=lambda: kept.append(sync.take()), name="leaky-worker")
@@ -201,6 +227,53 @@ async def test_async_idle_in_transaction_names_the_line(asource: Async, events: 
     assert event.transaction_status == "INTRANS"
     await conn.rollback()
     await asource.give_back(conn)
+
+
+async def test_async_long_statement_in_a_transaction_is_not_idle_but_the_idle_after_it_is(
+    asource: Async, install: Any
+) -> None:
+    events = install(leak_threshold=60, idle_in_transaction_threshold=0.3)
+    conn = await asource.take()
+    await conn.execute("SELECT 1")
+    await conn.execute("SELECT pg_sleep(1.5)")
+    import pgleakguard
+
+    await asyncio.to_thread(pgleakguard.check)
+    assert events.leaks() == []
+    [event] = await asyncio.to_thread(events.wait_for, "idle_in_transaction")
+    assert_names_line(event, asource)
+    assert event.transaction_status == "INTRANS"
+    assert event.age >= 1.8 and 0.3 <= event.idle < event.age - 1.5
+    await conn.rollback()
+    await asource.give_back(conn)
+
+
+async def test_wait_for_checkout_is_held_by_the_task_awaiting_it(
+    asource: Async, events: EventLog
+) -> None:
+    # Before Python 3.12 wait_for runs the checkout in a task of its own that ends at once.
+    line = marked_line(HERE, "wf-" + asource.flavor)
+    conn = await take_wait_for(asource)
+    [event] = await asyncio.to_thread(events.wait_for, "held_too_long")
+    await asyncio.to_thread(settle)
+    assert events.leaks() == [event]  # no owner_exited: this task holds it and is running
+    assert (event.callsite.file, event.callsite.line) == (HERE, line)
+    assert event.callsite.function == "take_wait_for"
+    me = asyncio.current_task()
+    assert me is not None
+    assert (event.holder, event.holder_kind, event.holder_alive) == (me.get_name(), "task", True)
+    await asource.give_back(conn)
+    events.clear()
+
+    kept: list[Any] = []
+
+    async def leaky() -> None:
+        kept.append(await take_wait_for(asource))
+
+    await asyncio.create_task(leaky(), name="wait-for-leaker")
+    [event] = await asyncio.to_thread(events.wait_for, "owner_exited")
+    assert (event.callsite.line, event.holder) == (line, "wait-for-leaker")
+    await asource.give_back(kept.pop())
 
 
 async def test_async_owner_exited_when_task_finishes_holding_it(

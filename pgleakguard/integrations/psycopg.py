@@ -12,7 +12,7 @@ from typing import Any, cast
 
 from .. import tagging
 from .._safety import record_internal_error, safe_call
-from ..tracker import CHECKOUT_ATTR
+from ..tracker import CHECKOUT_ATTR, TX_ACTIVE
 from . import DidNotEnable, Integration
 
 try:
@@ -75,6 +75,7 @@ class PsycopgIntegration(Integration):
                 return conn
 
             async def wait(self: Any, gen: Any, *args: Any, **kwargs: Any) -> Any:
+                _busy(self)
                 try:
                     return await orig_wait(self, gen, *args, **kwargs)
                 finally:
@@ -98,6 +99,7 @@ class PsycopgIntegration(Integration):
                 return conn
 
             def wait(self: Any, gen: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+                _busy(self)
                 try:
                     return orig_wait(self, gen, *args, **kwargs)
                 finally:
@@ -150,6 +152,18 @@ class PsycopgIntegration(Integration):
             return  # a pool's connection: its integration tracks each checkout instead
         rec = self.tracker.begin(conn, "psycopg", backend_pid=pid, application_name=name, skip=2)
         conn.__dict__[CHECKOUT_ATTR] = rec
+
+
+def _busy(conn: Any) -> None:
+    # Before every operation: a statement is running, so the transaction is not idle however
+    # long it takes (the watchdog reads ACTIVE; _touch sets the real status afterwards).
+    try:
+        rec = conn.__dict__.get(CHECKOUT_ATTR)
+        if rec is not None:
+            rec.tx_status = TX_ACTIVE
+            rec.last_activity = monotonic()
+    except Exception as exc:
+        record_internal_error(exc)
 
 
 def _touch(conn: Any) -> None:

@@ -106,12 +106,45 @@ def test_run_installs_pgleakguard_without_a_code_change(pg_dsn: str, tmp_path: P
     assert proc.returncode == 0, proc.stderr
     line = marked_line(str(script), "run-thread")
     assert f"[owner_exited, definite] checked out at {script}:{line} in worker" in proc.stderr
+    # Nothing but the reports on stderr (no "Error in sitecustomize", no traceback).
+    assert proc.stderr.startswith("pgleakguard: connection leak [owner_exited, definite]")
+    assert [t for t in proc.stderr.splitlines() if not t.startswith(("pgleakguard: ", " "))] == []
     assert "holder=thread 'background-sync' (ended)" in proc.stderr
     first = json.loads(report.read_text().splitlines()[0])
     assert first["kind"] == "owner_exited"
     assert first["callsite"] == {"file": str(script), "line": line, "function": "worker"}
     assert first["service"] == "runner"
     assert first["application_name"].startswith("runner/pid:")
+
+
+INSTALLED = (
+    "import sys; runtime = sys.modules.get('pgleakguard._runtime'); "
+    "print('installed:', runtime is not None and runtime.current() is not None)"
+)
+
+
+def test_run_leaves_a_program_without_sitecustomize_a_clean_stderr() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgleakguard.cli", "run", "--", sys.executable, "-c", INSTALLED],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "installed: True\n", "")
+
+
+def test_run_still_runs_the_programs_own_sitecustomize(tmp_path: Path) -> None:
+    (tmp_path / "sitecustomize.py").write_text(INSTALLED.replace("'installed:'", "'own:'"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgleakguard.cli", "run", "--", sys.executable, "-c", INSTALLED],
+        env=dict(os.environ, PYTHONPATH=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    # The first line is the `pgleakguard run` process's own start-up (nothing installed).
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert proc.stdout.splitlines() == ["own: False", "own: True", "installed: True"]
 
 
 def test_run_rejects_a_bad_option_before_starting_the_program(tmp_path: Path) -> None:

@@ -86,3 +86,27 @@ def test_user_exceptions_pass_through_unchanged(pg_dsn: str, events: EventLog) -
     assert pgleakguard.open_checkouts() == []  # both ended despite the errors
     pgleakguard.check()
     assert events == []
+
+
+MALFORMED_DSNS = [
+    "host=db.invalid password=Sentinel-pw 'broken",
+    "postgresql://app:Sentinel-pw@[::1/app",
+    "postgresql://app:Sentinel-pw@db.invalid/app?sslmode=require&nosuch=1",
+]
+
+
+@pytest.mark.parametrize("dsn", MALFORMED_DSNS)
+def test_malformed_dsn_gets_psycopgs_own_error_and_nothing_from_pgleakguard(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(psycopg.ProgrammingError) as bare:
+        psycopg.connect(dsn)
+    pgleakguard.install()
+    with (
+        caplog.at_level(logging.DEBUG, logger="pgleakguard"),
+        pytest.raises(psycopg.ProgrammingError) as hooked,
+    ):
+        psycopg.connect(dsn)
+    assert str(hooked.value) == str(bare.value)
+    assert [r for r in caplog.records if r.name == "pgleakguard"] == []
+    assert "Sentinel-pw" not in caplog.text

@@ -124,11 +124,15 @@ class PsycopgIntegration(Integration):
         config = self.tracker.config
         if not config.tag_application_name:
             return kwargs
-        user = (
-            kwargs.get("application_name")
-            or conninfo_to_dict(conninfo).get("application_name")
-            or os.environ.get("PGAPPNAME")
-        )
+        user = kwargs.get("application_name")
+        if not user:
+            try:
+                user = conninfo_to_dict(conninfo).get("application_name")
+            except Exception:
+                # The user's own malformed conninfo: psycopg's connect raises its own error
+                # for it (no internal error of ours, and no text of a DSN in our log).
+                return kwargs
+        user = user or os.environ.get("PGAPPNAME")
         new = dict(kwargs)
         new["application_name"] = tagging.application_name(user and str(user), config.service)
         return new

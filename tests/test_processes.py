@@ -168,7 +168,7 @@ def test_run_rejects_a_bad_option_before_starting_the_program(tmp_path: Path) ->
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
-        "pgleakguard: error: invalid leak_threshold='-3' (from $PGLEAKGUARD_LEAK_THRESHOLD): "
+        "pgleakguard: error: invalid leak_threshold='-3' (from --leak-threshold): "
         "expected a positive number of seconds, e.g. 30 or 0.5"
     )
     assert not marker.exists()

@@ -232,6 +232,8 @@ class Tracker:
         # where rendering or logging is unsafe; the watchdog (or flush()) turns them into events.
         # A ReturnedEvent is made when the checkout ends (a resumed one changes).
         self._pending: deque[_Finding | ReturnedEvent] = deque()
+        #: Queues an event for the delivery thread (set by install(); see hand_over()).
+        self.enqueue: Callable[[Event], None] | None = None
         self._depth = config.stack_depth if config.capture_stack else 1
         self._on_begin: Callable[[], None] | None = None
         self._watching = False
@@ -443,6 +445,12 @@ class Tracker:
         for event in events:
             with guard():
                 deliver(event)
+
+    def hand_over(self) -> None:
+        """Turn queued findings into events here and now (a holder's stack is where the
+        holder is now), and queue them for the delivery thread: the calling thread (a
+        request ending) never waits for a sink."""
+        self.flush(self.enqueue)
 
     def leak_event(
         self, rec: Checkout, kind: str, details: dict[str, Any] | None = None

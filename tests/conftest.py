@@ -78,6 +78,15 @@ class EventLog(list[Event]):
         raise AssertionError(f"no returned event within {timeout}s")
 
 
+def wait_until(condition: Callable[[], object], timeout: float = 10.0) -> None:
+    """Poll ``condition`` until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout}s: {condition}")
+        time.sleep(0.01)
+
+
 def settle(scans: int = 3, timeout: float = 10.0) -> None:
     """Let the watchdog run ``scans`` more scans, then deliver every pending event: what has
     not been reported by then is not going to be (the "reported once" checks)."""

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import psycopg
+import pytest
 
 import pgleakguard
 
@@ -66,6 +67,7 @@ def test_forked_child_tracks_its_own_connections_not_the_parents(
 RUN_SCRIPT = """
 import sys, threading, time
 import psycopg
+import pytest
 
 kept = []
 def worker():
@@ -278,3 +280,51 @@ def test_spawned_child_tracks_only_its_own(pg_dsn: str, install: Callable[..., E
     pgleakguard.check()
     assert events.leaks() == []
     parent_conn.close()
+
+
+STUCK_CALLBACK = """
+import sys, threading, time
+import psycopg
+import pytest
+import pgleakguard
+
+entered = threading.Event()
+
+def stuck(event):
+    entered.set()
+    time.sleep(1000)
+
+how = sys.argv[2]
+threshold = 0.1 if how == "uninstall" else 60
+pgleakguard.install(service="stuck", leak_threshold=threshold, on_leak=stuck)
+conn = psycopg.connect(sys.argv[1])  # leak: stuck
+if how == "uninstall":
+    assert entered.wait(10)  # the callback is stuck in the held_too_long report
+    pgleakguard.uninstall()
+print("main done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["exit", "uninstall"])
+def test_a_stuck_on_leak_callback_never_holds_exit_or_uninstall(
+    how: str, pg_dsn: str, tmp_path: Path
+) -> None:
+    script = tmp_path / "stuck.py"
+    script.write_text(textwrap.dedent(STUCK_CALLBACK))
+    proc = subprocess.run(  # without a bound on the wait this never ends (timeout: failure)
+        [sys.executable, "-W", "ignore::ResourceWarning", str(script), pg_dsn, how],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (proc.returncode, proc.stdout) == (0, "main done\n"), proc.stderr
+    kind = "never_closed, definite" if how == "exit" else "held_too_long, suspected"
+    where = f"{script}:{marked_line(str(script), 'stuck')}"
+    # our own sinks still delivered the report; then the callback was given up on
+    assert f"pgleakguard: connection leak [{kind}] checked out at {where} in <module>" in (
+        proc.stderr
+    )
+    assert proc.stderr.rstrip().endswith(
+        "pgleakguard: gave up waiting for the on_leak callback after 2s; "
+        "1 event(s) not delivered to it"
+    )

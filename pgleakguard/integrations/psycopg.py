@@ -75,14 +75,11 @@ class PsycopgIntegration(Integration):
                 return conn
 
             async def wait(self: Any, gen: Any, *args: Any, **kwargs: Any) -> Any:
-                _busy(self)
+                safe_call(_busy, self, default=None)
                 try:
                     return await orig_wait(self, gen, *args, **kwargs)
                 finally:
-                    try:
-                        _touch(self)
-                    except Exception as exc:
-                        record_internal_error(exc)
+                    safe_call(_touch, self, default=None)
 
             async def close(self: Any) -> None:
                 _closing(integration, self)
@@ -99,14 +96,11 @@ class PsycopgIntegration(Integration):
                 return conn
 
             def wait(self: Any, gen: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
-                _busy(self)
+                safe_call(_busy, self, default=None)
                 try:
                     return orig_wait(self, gen, *args, **kwargs)
                 finally:
-                    try:
-                        _touch(self)
-                    except Exception as exc:
-                        record_internal_error(exc)
+                    safe_call(_touch, self, default=None)
 
             def close(self: Any) -> None:  # type: ignore[misc]
                 _closing(integration, self)
@@ -161,13 +155,10 @@ class PsycopgIntegration(Integration):
 def _busy(conn: Any) -> None:
     # Before every operation: a statement is running, so the transaction is not idle however
     # long it takes (the watchdog reads ACTIVE; _touch sets the real status afterwards).
-    try:
-        rec = conn.__dict__.get(CHECKOUT_ATTR)
-        if rec is not None:
-            rec.tx_status = TX_ACTIVE
-            rec.last_activity = monotonic()
-    except Exception as exc:
-        record_internal_error(exc)
+    rec = conn.__dict__.get(CHECKOUT_ATTR)
+    if rec is not None:
+        rec.tx_status = TX_ACTIVE
+        rec.last_activity = monotonic()
 
 
 def _touch(conn: Any) -> None:

@@ -225,9 +225,10 @@ def check() -> None:
     """Run one watchdog scan now and deliver every pending event (tests, shutdown hooks)."""
     state = _state
     if state is not None:
-        state.watchdog.scan()
-        state.tracker.flush(state.delivery.put)
-        state.drain(timeout=10.0)
+        with _safety.guard():
+            state.watchdog.scan()
+            state.tracker.flush(state.delivery.put)
+            state.drain(timeout=10.0)
 
 
 def stats() -> dict[str, Any]:

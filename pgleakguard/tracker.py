@@ -497,6 +497,10 @@ class Tracker:
         self._pending.clear()
         self.connections = weakref.WeakValueDictionary()
         self._watching = False
+        # The child starts counting afresh: its stats() and pool timeouts are its own.
+        self.collected.clear()
+        self.leak_counts = {}
+        self.untracked = 0
 
 
 def describe_holders(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -12,9 +13,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import psycopg
+import psycopg_pool
 import pytest
 
 import pgleakguard
+from pgleakguard import _runtime, _safety
 
 from conftest import EventLog, marked_line
 
@@ -64,9 +67,77 @@ def test_forked_child_tracks_its_own_connections_not_the_parents(
     parent_conn.close()
 
 
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+def test_forked_child_starts_with_its_own_counters_and_free_locks(
+    pg_dsn: str, install: Callable[..., EventLog]
+) -> None:
+    events = install(leak_threshold=0.1, max_open_checkouts=2)
+    with psycopg_pool.ConnectionPool(pg_dsn, min_size=1, max_size=4, name="forky") as pool:
+        held = [pool.getconn(), pool.getconn()]
+        events.wait_for("held_too_long", count=2)
+        untracked = psycopg.connect(pg_dsn)  # max_open_checkouts are open: not tracked
+        pool.putconn(held.pop())
+
+        def drop() -> None:
+            pool.getconn()
+
+        drop()
+        gc.collect()
+        events.wait_for("garbage_collected")
+        state = _runtime.current()
+        assert state is not None and len(state.tracker.collected) == 1
+        parent = pgleakguard.stats()
+        assert parent["leaks"] == {"held_too_long": 2, "garbage_collected": 1}
+        assert parent["untracked_checkouts"] == 1
+
+        # Another thread holds pgleakguard's locks at the moment of the fork.
+        holding, release = threading.Event(), threading.Event()
+
+        def holder() -> None:
+            with _runtime._lock, _safety._lock:
+                holding.set()
+                release.wait(30)
+
+        thread = threading.Thread(target=holder)
+        thread.start()
+        assert holding.wait(10)
+
+        def child() -> dict[str, Any]:
+            stats = pgleakguard.stats()
+            current = _runtime.current()
+            assert current is not None
+            finished: list[bool] = []
+
+            def reinstall() -> None:  # takes both locks: they must not be the parent's
+                _safety.forget_logged()
+                pgleakguard.install(leak_threshold=60)
+                finished.append(True)
+
+            worker = threading.Thread(target=reinstall, daemon=True)
+            worker.start()
+            worker.join(10)
+            return {
+                "leaks": stats["leaks"],
+                "untracked": stats["untracked_checkouts"],
+                "collected": len(current.tracker.collected),
+                "finished": finished,
+            }
+
+        try:
+            result = in_forked_child(child)
+        finally:
+            release.set()
+            thread.join()
+        assert result == {"leaks": {}, "untracked": 0, "collected": 0, "finished": [True]}
+        assert pgleakguard.stats()["leaks"] == parent["leaks"]  # the parent's are untouched
+        pool.putconn(held.pop())
+        untracked.close()
+
+
 RUN_SCRIPT = """
 import sys, threading, time
 import psycopg
+import psycopg_pool
 import pytest
 
 kept = []
@@ -285,6 +356,7 @@ def test_spawned_child_tracks_only_its_own(pg_dsn: str, install: Callable[..., E
 STUCK_CALLBACK = """
 import sys, threading, time
 import psycopg
+import psycopg_pool
 import pytest
 import pgleakguard
 

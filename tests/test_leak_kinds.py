@@ -123,6 +123,8 @@ def test_held_too_long_names_the_line_then_returned_reports_hold_time(
     conn = sync.take()
     pid = conn.info.backend_pid
     [event] = events.wait_for("held_too_long")
+    settle()
+    assert events.leaks() == [event]  # reported once, however many scans see it
     assert_names_line(event, sync)
     assert event.backend_pid == pid
     assert event.severity == "suspected"
@@ -142,6 +144,8 @@ def test_idle_in_transaction_names_the_line(sync: Sync, install: Any, pg_dsn: st
     conn = sync.take()
     conn.execute("SELECT 1")  # opens a transaction (autocommit is off), then idles
     [event] = pgleakguard_events.wait_for("idle_in_transaction")
+    settle()
+    assert pgleakguard_events.leaks() == [event]  # reported once
     assert_names_line(event, sync)
     assert event.transaction_status == "INTRANS"
     assert event.idle is not None and event.idle >= 0.2
@@ -174,6 +178,8 @@ def test_owner_exited_when_thread_ends_holding_it(sync: Sync, events: EventLog) 
     worker.start()
     worker.join()
     [event] = events.wait_for("owner_exited")
+    settle()
+    assert events.leaks() == [event]  # reported once, and nothing else (definite)
     assert_names_line(event, sync)
     assert event.severity == "definite"
     assert event.holder == "leaky-worker" and not event.holder_alive
@@ -188,6 +194,8 @@ def test_garbage_collected_when_dropped_without_return(sync: Sync, events: Event
     drop()
     gc.collect()
     [event] = events.wait_for("garbage_collected")
+    settle()
+    assert events.leaks() == [event]  # reported once
     assert_names_line(event, sync)
     assert event.severity == "definite"
 
@@ -211,7 +219,8 @@ def test_proper_use_reports_nothing(sync: Sync, events: EventLog) -> None:
 async def test_async_held_too_long_names_the_line(asource: Async, events: EventLog) -> None:
     conn = await asource.take()
     await asyncio.to_thread(events.wait_for, "held_too_long")
-    [event] = events.leaks("held_too_long")
+    await asyncio.to_thread(settle)
+    [event] = events.leaks()
     assert_names_line(event, asource)
     assert event.holder_kind == "task" and event.holder_alive
     await asource.give_back(conn)
@@ -222,6 +231,7 @@ async def test_async_idle_in_transaction_names_the_line(asource: Async, events: 
     conn = await asource.take()
     await conn.execute("SELECT 1")
     await asyncio.to_thread(events.wait_for, "idle_in_transaction")
+    await asyncio.to_thread(settle)
     [event] = events.leaks("idle_in_transaction")
     assert_names_line(event, asource)
     assert event.transaction_status == "INTRANS"
@@ -286,7 +296,8 @@ async def test_async_owner_exited_when_task_finishes_holding_it(
 
     await asyncio.create_task(leaky(), name="leaky-task")
     await asyncio.to_thread(events.wait_for, "owner_exited")
-    [event] = events.leaks("owner_exited")
+    await asyncio.to_thread(settle)
+    [event] = events.leaks()
     assert_names_line(event, asource)
     assert event.holder == "leaky-task" and event.holder_kind == "task"
     await asource.give_back(kept.pop())
@@ -300,14 +311,15 @@ async def test_async_garbage_collected_when_dropped(asource: Async, events: Even
     await drop()
     gc.collect()
     await asyncio.to_thread(events.wait_for, "garbage_collected")
-    [event] = events.leaks("garbage_collected")
+    await asyncio.to_thread(settle)
+    [event] = events.leaks()
     assert_names_line(event, asource)
 
 
 # -- never_closed, at interpreter exit ----------------------------------------------------
 
 NEVER_CLOSED = """
-import asyncio, sys
+import asyncio, sys, threading
 import psycopg, psycopg_pool
 import pgleakguard
 
@@ -315,16 +327,28 @@ pgleakguard.install(service="exit-test", leak_threshold=60)
 dsn = sys.argv[1]
 kept = []
 
-async def amain():
+async def hold(ready):
     apool = psycopg_pool.AsyncConnectionPool(dsn, min_size=1, open=False)
     await apool.open()
     kept.append(await psycopg.AsyncConnection.connect(dsn))  # leak: exit-araw
     kept.append(await apool.getconn())  # leak: exit-apool
+    ready.set()
+    await asyncio.Event().wait()  # the task still holds them when the process exits
 
+loop = asyncio.new_event_loop()
+threading.Thread(target=loop.run_forever, name="event-loop", daemon=True).start()
+ready = threading.Event()
+asyncio.run_coroutine_threadsafe(hold(ready), loop)
 pool = psycopg_pool.ConnectionPool(dsn, min_size=1, open=True)
 kept.append(psycopg.connect(dsn))  # leak: exit-raw
 kept.append(pool.getconn())  # leak: exit-pool
-asyncio.run(amain())
+assert ready.wait(30)
+
+async def finish():
+    kept.append(await psycopg.AsyncConnection.connect(dsn))  # leak: exit-finished
+
+asyncio.run_coroutine_threadsafe(finish(), loop).result(30)
+pgleakguard.check()  # owner_exited now; at exit it is not reported again
 print("main done", flush=True)
 """
 
@@ -339,15 +363,17 @@ def test_never_closed_reported_once_at_exit_for_each_flavor(pg_dsn: str, tmp_pat
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "main done" in proc.stdout
+    assert proc.stdout == "main done\n"
     assert "Traceback" not in proc.stderr
-    for name in ("exit-raw", "exit-pool", "exit-araw", "exit-apool"):
-        where = f"{script}:{marked_line(str(script), name)}"
-        reports = [
-            block for block in proc.stderr.split("pgleakguard: connection leak") if where in block
-        ]
-        kinds = [block.split("]")[0].strip(" [").split(",")[0] for block in reports]
-        # The async ones were taken by a task that finished: definite owner_exited may come
-        # first; then never_closed is not repeated for the same checkout.
-        assert kinds in (["never_closed"], ["owner_exited"]), (name, kinds, proc.stderr)
-    assert proc.stderr.count("[never_closed, definite]") >= 2
+    reports = proc.stderr.split("pgleakguard: connection leak ")[1:]
+    assert len(reports) == 5, proc.stderr  # one per checkout, nothing else
+    for name, function, kind in [
+        ("exit-raw", "<module>", "never_closed"),
+        ("exit-pool", "<module>", "never_closed"),
+        ("exit-araw", "hold", "never_closed"),
+        ("exit-apool", "hold", "never_closed"),
+        ("exit-finished", "finish", "owner_exited"),
+    ]:
+        where = f"{script}:{marked_line(str(script), name)} in {function}"
+        found = [r for r in reports if f"checked out at {where}\n" in r]
+        assert [r.split(",")[0] for r in found] == [f"[{kind}"], (name, proc.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import subprocess
 import sys
 import textwrap
@@ -43,6 +44,20 @@ async def take_wait_for(source: Async) -> psycopg.AsyncConnection[Any]:
     if source.flavor == "araw":
         return await asyncio.wait_for(connect(source.dsn), 5)  # leak: wf-araw
     return await asyncio.wait_for(source.pool.getconn(), 5)  # leak: wf-apool
+
+
+def hold_in_block(pool: psycopg_pool.ConnectionPool[Any], until: Any) -> None:
+    with pool.connection() as conn:  # leak: pool-block
+        conn.execute("SELECT 1")
+        conn.commit()
+        until()
+
+
+async def ahold_in_block(pool: psycopg_pool.AsyncConnectionPool[Any], until: Any) -> None:
+    async with pool.connection() as conn:  # leak: apool-block
+        await conn.execute("SELECT 1")
+        await conn.commit()
+        await until()  # leak: apool-await
 
 
 class Sync:
@@ -172,6 +187,23 @@ def test_a_long_statement_in_a_transaction_is_not_idle_but_the_idle_after_it_is(
     sync.give_back(conn)
 
 
+def test_held_too_long_inside_a_pool_connection_block_names_the_with_line(
+    pg_dsn: str, events: EventLog
+) -> None:
+    found: list[Any] = []
+    with psycopg_pool.ConnectionPool(pg_dsn, min_size=1, max_size=2, name="blocks") as pool:
+        hold_in_block(pool, lambda: found.extend(events.wait_for("held_too_long")))
+        [event] = found
+        assert (event.callsite.file, event.callsite.line, event.callsite.function) == (
+            HERE,
+            marked_line(HERE, "pool-block"),
+            "hold_in_block",
+        )
+        assert (event.integration, event.pool) == ("psycopg_pool", "blocks")
+        # the block's end gave it back
+        assert events.wait_returned().checkout_id == event.checkout_id
+
+
 def test_owner_exited_when_thread_ends_holding_it(sync: Sync, events: EventLog) -> None:
     kept: list[Any] = []
     worker = threading.Thread(target=lambda: kept.append(sync.take()), name="leaky-worker")
@@ -284,6 +316,58 @@ async def test_wait_for_checkout_is_held_by_the_task_awaiting_it(
     [event] = await asyncio.to_thread(events.wait_for, "owner_exited")
     assert (event.callsite.line, event.holder) == (line, "wait-for-leaker")
     await asource.give_back(kept.pop())
+
+
+async def test_async_pool_connection_block_names_the_line_and_where_the_task_waits(
+    pg_dsn: str, events: EventLog
+) -> None:
+    found: list[Any] = []
+
+    async def until() -> None:
+        found.extend(await asyncio.to_thread(events.wait_for, "held_too_long"))  # leak: waits
+
+    pool = psycopg_pool.AsyncConnectionPool(pg_dsn, min_size=1, max_size=2, name="ablocks")
+    async with pool:
+        await ahold_in_block(pool, until)
+        [event] = found
+        assert (event.callsite.file, event.callsite.line, event.callsite.function) == (
+            HERE,
+            marked_line(HERE, "apool-block"),
+            "ahold_in_block",
+        )
+        assert (event.integration, event.pool, event.holder_kind) == (
+            "psycopg_pool",
+            "ablocks",
+            "task",
+        )
+        # the pending task's stack, innermost first: where it awaits, and what awaits that
+        assert event.holder_stack is not None
+        mine = [(f["line"], f["function"]) for f in event.holder_stack if f["file"] == HERE]
+        assert mine[:2] == [
+            (marked_line(HERE, "waits"), "until"),
+            (marked_line(HERE, "apool-await"), "ahold_in_block"),
+        ]
+        assert "await until()  # leak: apool-await" in event.render()
+        returned = await asyncio.to_thread(events.wait_returned)
+        assert returned.checkout_id == event.checkout_id
+
+
+async def test_async_connections_are_tagged_with_service_and_pid(
+    pg_dsn: str, events: EventLog
+) -> None:
+    tag = f"tests/pid:{os.getpid()}"
+    query = "SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as conn:
+        assert conn.info.parameter_status("application_name") == tag
+        assert await (await conn.execute(query)).fetchone() == (tag,)
+    named = await psycopg.AsyncConnection.connect(pg_dsn, application_name="billing-worker")
+    async with named:  # the user's own name is kept as the service part
+        assert (
+            named.info.parameter_status("application_name") == f"billing-worker/pid:{os.getpid()}"
+        )
+    pool = psycopg_pool.AsyncConnectionPool(pg_dsn, min_size=1, max_size=1, open=False)
+    async with pool, pool.connection() as pooled:  # the pool's own connections too
+        assert await (await pooled.execute(query)).fetchone() == (tag,)
 
 
 async def test_async_owner_exited_when_task_finishes_holding_it(

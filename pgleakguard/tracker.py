@@ -83,6 +83,7 @@ class Checkout:
         "connection_id",
         "integration",
         "pool",
+        "pool_id",
         "backend_pid",
         "application_name",
         "service",
@@ -107,6 +108,8 @@ class Checkout:
     connection_id: int
     integration: str
     pool: str | None
+    #: id() of the pool object, where the integration knows it (two pools may share a name).
+    pool_id: int | None
     backend_pid: int | None
     application_name: str | None
     service: str | None
@@ -263,6 +266,7 @@ class Tracker:
         application_name: str | None = None,
         connection_id: int | None = None,
         skip: int = 1,
+        pool_id: int | None = None,
     ) -> Checkout | None:
         """Start a checkout of ``conn`` by the calling code. ``skip`` frames are ours.
 
@@ -284,6 +288,7 @@ class Tracker:
         rec.connection_id = id(conn) if connection_id is None else connection_id
         rec.integration = integration
         rec.pool = pool
+        rec.pool_id = pool_id
         rec.backend_pid = backend_pid
         rec.application_name = application_name
         rec.service = self._service

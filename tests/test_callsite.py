@@ -117,3 +117,17 @@ def test_stack_depth_and_capture_stack_bound_the_acquisition_stack(
     got = [(Path(str(f["file"])).name, f["line"]) for f in event.stack]
     assert got == [("service.py", 7), ("service.py", 15)][:frames]
     assert event.callsite.line == 7
+
+
+def test_a_module_named_like_a_pool_library_is_not_one(
+    tmp_path: Path, pg_dsn: str, events: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # psycopg connections opened by sqlalchemy / psycopg_pool are tracked per checkout by
+    # their integrations; sqlalchemy_utils is the user's own code: tracked from connect.
+    (tmp_path / "sqlalchemy_utils.py").write_text(HELPER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        module = importlib.import_module("sqlalchemy_utils")
+        assert _where(module.get(pg_dsn)) == [("sqlalchemy_utils.py", 6, "get")]
+    finally:
+        sys.modules.pop("sqlalchemy_utils", None)

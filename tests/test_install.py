@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any, Callable
 
@@ -135,3 +136,34 @@ def test_public_api_names_resolve_on_first_use() -> None:
         assert getattr(api, name) is not None
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         api.nope  # noqa: B018
+
+
+def test_uninstall_leaves_a_wrapper_installed_on_top_of_ours(
+    pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = _originals()
+    pgleakguard.install()
+    ours = psycopg.Connection.close
+    closed: list[Any] = []
+
+    def theirs(self: Any) -> None:  # another instrumentation, wrapping after us
+        closed.append(self)
+        ours(self)
+
+    psycopg.Connection.close = theirs  # type: ignore[method-assign]
+    try:
+        with caplog.at_level(logging.DEBUG, logger="pgleakguard"):
+            pgleakguard.uninstall()
+        assert psycopg.Connection.close is theirs  # not dropped
+        others = [(o, n) for o, n in PATCHED if (o, n) != (psycopg.Connection, "close")]
+        assert all(
+            vars(o).get(n) is before[PATCHED.index((o, n))] for o, n in others
+        )  # the rest restored
+        assert "pgleakguard: Connection.close was replaced since pgleakguard hooked it; " in (
+            caplog.text
+        )
+        conn = psycopg.connect(pg_dsn)
+        conn.close()
+        assert closed == [conn]
+    finally:
+        psycopg.Connection.close = before[PATCHED.index((psycopg.Connection, "close"))]

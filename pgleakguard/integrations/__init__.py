@@ -43,20 +43,28 @@ class Patcher:
     """Replaces class or module attributes and puts back exactly what was there."""
 
     def __init__(self) -> None:
-        self._saved: list[tuple[Any, str, Any]] = []
+        self._saved: list[tuple[Any, str, Any, Any]] = []
 
     def patch(self, owner: Any, name: str, replacement: Any) -> Any:
         """Set ``owner.name = replacement``; return the attribute it replaces (as looked up)."""
         original = getattr(owner, name)
-        self._saved.append((owner, name, vars(owner).get(name, _MISSING)))
+        self._saved.append((owner, name, vars(owner).get(name, _MISSING), replacement))
         setattr(owner, name, replacement)
         return original
 
     def restore(self) -> None:
-        """Undo every patch, newest first."""
+        """Undo every patch, newest first. An attribute another instrumentation has wrapped
+        since is left alone (putting ours back would drop its wrapper); our hook stays in
+        its chain then."""
         while self._saved:
-            owner, name, value = self._saved.pop()
-            if value is _MISSING:
+            owner, name, value, replacement = self._saved.pop()
+            if vars(owner).get(name, _MISSING) is not replacement:
+                logger.debug(
+                    "pgleakguard: %s.%s was replaced since pgleakguard hooked it; left as is",
+                    getattr(owner, "__name__", owner),
+                    name,
+                )
+            elif value is _MISSING:
                 delattr(owner, name)
             else:
                 setattr(owner, name, value)

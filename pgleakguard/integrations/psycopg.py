@@ -25,7 +25,16 @@ except ImportError as exc:  # pragma: no cover - exercised only without psycopg
 POOL_MODULES = ("psycopg_pool", "sqlalchemy", "django.db")
 
 #: Wrappers between a pool and psycopg.connect (other instrumentations).
-WRAPPER_MODULES = ("opentelemetry.", "wrapt", "pgleakguard.")
+WRAPPER_MODULES = ("opentelemetry", "wrapt", "pgleakguard")
+
+
+def _within(module: object, packages: tuple[str, ...]) -> bool:
+    """Whether ``module`` is one of ``packages`` or inside one (``sqlalchemy_utils`` is not
+    ``sqlalchemy``)."""
+    return isinstance(module, str) and any(
+        module == p or module.startswith(p + ".") for p in packages
+    )
+
 
 #: Per physical connection: (connection id, backend pid, application_name), set at connect.
 META_ATTR = "_pgleakguard_meta"
@@ -136,14 +145,18 @@ class PsycopgIntegration(Integration):
         _, pid, name = connection_meta(conn)
         self.tracker.connected(pid, conn)
         # Look through other instrumentations' wrappers to the code that asked.
-        while caller.f_back is not None and str(caller.f_globals.get("__name__")).startswith(
-            WRAPPER_MODULES
+        while caller.f_back is not None and _within(
+            caller.f_globals.get("__name__"), WRAPPER_MODULES
         ):
             caller = caller.f_back
-        module = caller.f_globals.get("__name__", "")
-        if isinstance(module, str) and module.startswith(POOL_MODULES):
+        module = caller.f_globals.get("__name__")
+        if _within(module, POOL_MODULES):
             telemetry = self.tracker.telemetry
-            if module.startswith("psycopg_pool") and telemetry is not None and telemetry.metrics_on:
+            if (
+                _within(module, ("psycopg_pool",))
+                and telemetry is not None
+                and telemetry.metrics_on
+            ):
                 # Only the pool's own frame knows which pool this connection is for.
                 pool = caller.f_locals.get("self")
                 telemetry.created(getattr(pool, "name", None), monotonic() - started)

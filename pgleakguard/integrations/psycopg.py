@@ -84,11 +84,18 @@ class PsycopgIntegration(Integration):
                 return conn
 
             async def wait(self: Any, gen: Any, *args: Any, **kwargs: Any) -> Any:
-                safe_call(_busy, self, default=None)
+                # (try/except inline, not safe_call: this runs around every statement)
+                try:
+                    _busy(self)
+                except Exception as exc:
+                    record_internal_error(exc)
                 try:
                     return await orig_wait(self, gen, *args, **kwargs)
                 finally:
-                    safe_call(_touch, self, default=None)
+                    try:
+                        _touch(self)
+                    except Exception as exc:
+                        record_internal_error(exc)
 
             async def close(self: Any) -> None:
                 _closing(integration, self)
@@ -105,11 +112,17 @@ class PsycopgIntegration(Integration):
                 return conn
 
             def wait(self: Any, gen: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
-                safe_call(_busy, self, default=None)
+                try:
+                    _busy(self)
+                except Exception as exc:
+                    record_internal_error(exc)
                 try:
                     return orig_wait(self, gen, *args, **kwargs)
                 finally:
-                    safe_call(_touch, self, default=None)
+                    try:
+                        _touch(self)
+                    except Exception as exc:
+                        record_internal_error(exc)
 
             def close(self: Any) -> None:  # type: ignore[misc]
                 _closing(integration, self)
@@ -167,11 +180,10 @@ class PsycopgIntegration(Integration):
 
 def _busy(conn: Any) -> None:
     # Before every operation: a statement is running, so the transaction is not idle however
-    # long it takes (the watchdog reads ACTIVE; _touch sets the real status afterwards).
+    # long it takes (the watchdog skips ACTIVE; _touch sets the real status and time after).
     rec = conn.__dict__.get(CHECKOUT_ATTR)
     if rec is not None:
         rec.tx_status = TX_ACTIVE
-        rec.last_activity = monotonic()
 
 
 def _touch(conn: Any) -> None:

@@ -67,7 +67,8 @@ def _wait_for_caller(task: Any) -> Any:
         if type(callback) is partial and callback.func is _release_waiter:
             for wakeup, _ in getattr(callback.args[0], "_callbacks", None) or ():
                 caller = getattr(wakeup, "__self__", None)
-                if isinstance(caller, asyncio.Task):
+                # (a task: C or pure-Python, which the C Task class does not cover)
+                if hasattr(caller, "get_coro") and hasattr(caller, "done"):
                     return _wait_for_caller(caller)  # wait_for inside wait_for
     return task
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from time import monotonic
@@ -26,6 +27,7 @@ _lock = threading.Lock()
 _count = 0
 _logged: set[tuple[str, int]] = set()
 _last_error: BaseException | None = None
+_last_report: traceback.TracebackException | None = None
 _operational = 0
 _operational_logged: dict[str, float] = {}  # what -> when it was last logged
 
@@ -52,8 +54,15 @@ def internal_error_count() -> int:
 
 
 def last_internal_error() -> BaseException | None:
-    """The most recent swallowed internal error (for pgleakguard's own tests)."""
+    """The most recent swallowed internal error (for pgleakguard's own tests), without its
+    traceback: that would keep the frames, and the user's objects in them, alive."""
     return _last_error
+
+
+def last_internal_traceback() -> str:
+    """The traceback of :func:`last_internal_error`, as text."""
+    report = _last_report
+    return "".join(report.format()) if report is not None else ""
 
 
 def operational_error_count() -> int:
@@ -109,14 +118,15 @@ def record_operational_error(what: str, exc: BaseException) -> None:
 
 def record_internal_error(exc: BaseException) -> None:
     """Count ``exc`` and log it the first time its origin is seen."""
-    global _count, _last_error
+    global _count, _last_error, _last_report
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     where = (tb.tb_frame.f_code.co_filename, tb.tb_lineno) if tb is not None else ("?", 0)
+    report = traceback.TracebackException.from_exception(exc, lookup_lines=False)
     with _lock:
         _count += 1
-        _last_error = exc
+        _last_error, _last_report = exc, report
         first = where not in _logged
         if first:
             _logged.add(where)
@@ -128,6 +138,14 @@ def record_internal_error(exc: BaseException) -> None:
                 "further errors from this place are only counted)",
                 exc_info=exc,
             )
+    # Kept, the traceback would hold every frame it passed through, and so the user's
+    # connections in them, until the next internal error: keep its text only.
+    seen: set[int] = set()
+    chained: BaseException | None = exc
+    while chained is not None and id(chained) not in seen:
+        seen.add(id(chained))
+        chained.__traceback__ = None
+        chained = chained.__cause__ or chained.__context__
 
 
 @contextmanager

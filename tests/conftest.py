@@ -159,9 +159,9 @@ def _no_swallowed_internal_errors(request: pytest.FixtureRequest) -> Iterator[No
     after = _safety.internal_error_count()
     if after != before:
         raise AssertionError(
-            f"pgleakguard swallowed {after - before} internal error(s); last: "
-            f"{_safety.last_internal_error()!r}"
-        ) from _safety.last_internal_error()
+            f"pgleakguard swallowed {after - before} internal error(s); the last:\n"
+            f"{_safety.last_internal_traceback()}"
+        )
 
 
 def run_in_threads(work: Callable[[], None], count: int) -> list[BaseException]:

@@ -3,7 +3,9 @@ the user's own exceptions pass through untouched."""
 
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +122,24 @@ def test_malformed_dsn_gets_psycopgs_own_error_and_nothing_from_pgleakguard(
     assert str(hooked.value) == str(bare.value)
     assert [r for r in caplog.records if r.name == "pgleakguard"] == []
     assert "Sentinel-pw" not in caplog.text
+
+
+@pytest.mark.allow_internal_errors
+def test_an_internal_error_keeps_no_reference_to_the_users_connection(
+    pg_dsn: str, events: EventLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_end(self: Any, rec: Any) -> None:
+        raise RuntimeError("end broke")
+
+    monkeypatch.setattr(Tracker, "end", broken_end)
+    # (no log record either: a captured one would hold the traceback for the test's length)
+    monkeypatch.setattr(logging.getLogger("pgleakguard"), "disabled", True)
+    conn = psycopg.connect(pg_dsn)
+    ref = weakref.ref(conn)
+    conn.close()  # the close hook's frame, holding conn, is in the error's traceback
+    del conn
+    gc.collect()
+    assert ref() is None  # the swallowed error does not keep it alive
+    assert str(_safety.last_internal_error()) == "end broke"
+    trace = _safety.last_internal_traceback()
+    assert 'raise RuntimeError("end broke")' in trace and "in broken_end" in trace

@@ -118,8 +118,8 @@ _SECRET = ("activity_dsn",)
 
 def _bad(name: str, value: Any, accepted: str, source: str | None) -> ValueError:
     where = f" (from {source})" if source else ""
-    shown = f" (a {type(value).__name__}, not shown)" if name in _SECRET else f"={value!r}"
-    return ValueError(f"pgleakguard: invalid {name}{shown}{where}: expected {accepted}")
+    shown = f"<{type(value).__name__}, not shown>" if name in _SECRET else repr(value)
+    return ValueError(f"pgleakguard: invalid {name}={shown}{where}: expected {accepted}")
 
 
 def convert(name: str, value: Any, source: str | None = None) -> Any:

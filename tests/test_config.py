@@ -148,7 +148,7 @@ def test_a_bad_activity_dsn_is_never_echoed() -> None:
     with pytest.raises(ValueError) as info:
         Config.load(environ={}, activity_dsn=b"postgresql://u:Sentinel-pw@h/db")
     assert str(info.value) == (
-        "pgleakguard: invalid activity_dsn (a bytes, not shown): expected a string"
+        "pgleakguard: invalid activity_dsn=<bytes, not shown>: expected a string"
     )
 
 

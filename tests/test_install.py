@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from typing import Any, Callable
@@ -110,6 +111,19 @@ def test_missing_library_is_skipped_quietly_by_auto_detection(
     assert [i.identifier for i in state.integrations] == ["psycopg", "psycopg_pool"]
 
 
+def test_uninstall_restores_what_another_tools_unwrap_left_of_our_hook() -> None:
+    from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
+
+    before = _originals()
+    pgleakguard.install()
+    theirs = PsycopgInstrumentor()
+    theirs.instrument(skip_dep_check=True)
+    theirs.uninstrument()  # it puts back a bound method of our hook, not our classmethod
+    assert not isinstance(vars(psycopg.Connection)["connect"], classmethod)
+    pgleakguard.uninstall()
+    assert all(a is b for a, b in zip(before, _originals()))
+
+
 def test_named_integration_enables_only_that_one() -> None:
     before = _originals()
     pgleakguard.install(integrations=["psycopg"])
@@ -146,6 +160,7 @@ def test_uninstall_leaves_a_wrapper_installed_on_top_of_ours(
     ours = psycopg.Connection.close
     closed: list[Any] = []
 
+    @functools.wraps(ours)
     def theirs(self: Any) -> None:  # another instrumentation, wrapping after us
         closed.append(self)
         ours(self)
@@ -159,7 +174,7 @@ def test_uninstall_leaves_a_wrapper_installed_on_top_of_ours(
         assert all(
             vars(o).get(n) is before[PATCHED.index((o, n))] for o, n in others
         )  # the rest restored
-        assert "pgleakguard: Connection.close was replaced since pgleakguard hooked it; " in (
+        assert "pgleakguard: Connection.close is wrapped by another instrumentation " in (
             caplog.text
         )
         conn = psycopg.connect(pg_dsn)

@@ -54,13 +54,15 @@ class Patcher:
 
     def restore(self) -> None:
         """Undo every patch, newest first. An attribute another instrumentation has wrapped
-        since is left alone (putting ours back would drop its wrapper); our hook stays in
-        its chain then."""
+        around ours since (``__wrapped__`` leads to ours, as functools.wraps and wrapt set
+        it) is left alone: putting the original back would drop its wrapper. Our hook stays
+        in its chain then."""
         while self._saved:
             owner, name, value, replacement = self._saved.pop()
-            if vars(owner).get(name, _MISSING) is not replacement:
+            if _wraps(vars(owner).get(name), replacement):
                 logger.debug(
-                    "pgleakguard: %s.%s was replaced since pgleakguard hooked it; left as is",
+                    "pgleakguard: %s.%s is wrapped by another instrumentation since "
+                    "pgleakguard hooked it; left as is",
                     getattr(owner, "__name__", owner),
                     name,
                 )
@@ -68,6 +70,18 @@ class Patcher:
                 delattr(owner, name)
             else:
                 setattr(owner, name, value)
+
+
+def _wraps(current: Any, ours: Any) -> bool:
+    """Whether ``current`` is a wrapper around ``ours`` (not ours itself, nor what another
+    tool's unwrap left of ours: OpenTelemetry's puts back a bound method)."""
+    for _ in range(10):  # a chain of wrappers, not a cycle
+        current = getattr(current, "__wrapped__", None)
+        if current is None:
+            return False
+        if current is ours:
+            return True
+    return False
 
 
 class Integration:

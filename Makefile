@@ -1,4 +1,5 @@
-# The two commands of the README: `make demo` and `make test`. Only Python 3 and make needed.
+# The two commands of the README: `make demo` and `make test`. Only Python 3 (with its venv
+# module: python3-venv on Debian/Ubuntu) and make needed.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -6,8 +7,11 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
 .PHONY: demo test lint bench clean
 
+# A failed venv (no ensurepip) is removed, or the next make would take it for a good one.
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+	  echo "make: '$(PYTHON) -m venv' failed: install Python's venv module" \
+	       "(Debian/Ubuntu: apt install python3-venv) or set PYTHON=..." >&2; exit 1; }
 
 $(VENV)/.demo: pyproject.toml | $(BIN)/python
 	$(PIP) install -e '.[demo,cli]'
@@ -29,6 +33,7 @@ test: $(VENV)/.test
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 bench: $(VENV)/.test

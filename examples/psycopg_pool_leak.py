@@ -14,7 +14,6 @@ import logging
 import os
 import sys
 import threading
-import time
 from typing import Any
 
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -51,8 +50,7 @@ def main() -> None:
             job.start()
         for job in jobs:
             job.join()
-        time.sleep(0.5)  # the watchdog reports the threads that ended holding connections
-        pgleakguard.check()
+        pgleakguard.check()  # (the watchdog would within a second) report the ended threads
         print("== ... and the next request finds the pool empty:\n", flush=True)
         try:
             handle_request(pool)

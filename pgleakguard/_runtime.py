@@ -7,11 +7,12 @@ import logging
 import os
 import sys
 import threading
+from time import monotonic
 from typing import Any
 
 from . import _safety, callsite
 from .config import Config
-from .events import NEVER_CLOSED, SUSPECTED_KINDS, CheckoutInfo
+from .events import NEVER_CLOSED, SUSPECTED_KINDS, CheckoutInfo, Event
 from .integrations import Integration, enable
 from .sinks import Delivery, Dispatcher, sinks_for
 from .tracker import Tracker
@@ -19,15 +20,29 @@ from .watchdog import Watchdog
 
 logger = logging.getLogger("pgleakguard")
 
+#: Seconds uninstall() and the interpreter's exit wait, in all, for the last events to
+#: reach the sinks and the on_leak callback.
+SHUTDOWN_TIMEOUT = 2.0
+
 
 class Installed:
     """What one install() set up."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        #: pgleakguard's own sinks (logging, JSON lines, OpenTelemetry): quick, never stuck.
         self.dispatcher = Dispatcher(sinks_for(config))
-        self.tracker = Tracker(config, self.dispatcher)
-        self.delivery = Delivery(self.dispatcher)
+        #: The user's on_leak callback, on a thread of its own: however slow it is, the
+        #: sinks above still get every event.
+        self.callbacks = Dispatcher([config.on_leak] if config.on_leak else [])
+        self.callback_delivery = Delivery(
+            self.callbacks, "pgleakguard-on-leak", "the on_leak callback"
+        )
+        self.delivery = Delivery(self._deliver, "pgleakguard-sinks", "pgleakguard's sinks")
+        self.tracker = Tracker(config, self._deliver_now)
+        #: The exit report ran (it may be registered twice: see otel._report_before_sdk_shutdown).
+        self.exited = False
+        self.tracker.enqueue = self.delivery.put
         self.watchdog = Watchdog(self.tracker, self.delivery.put)
         self.tracker._on_begin = self.watchdog.ensure_started
         if config.otel:
@@ -43,6 +58,51 @@ class Installed:
                 config.activity_dsn, config.max_sql_length, config.redact_sql
             )
         self.integrations: list[Integration] = []
+
+    def _deliver(self, event: Event) -> None:
+        # On the pgleakguard-sinks thread: our sinks, then the callback's own queue.
+        self.dispatcher(event)
+        if self.callbacks.sinks:
+            self.callback_delivery.put(event)
+
+    def _deliver_now(self, event: Event) -> None:
+        # In the calling thread (the pytest plugin's end-of-test reports): every sink.
+        self.dispatcher(event)
+        self.callbacks(event)
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every queued event reached every sink; False on timeout."""
+        deadline = monotonic() + timeout
+        return self.delivery.drain(timeout) and self.callback_delivery.drain(
+            max(0.0, deadline - monotonic())
+        )
+
+    def shut_down(self, at_exit: bool = False, timeout: float = SHUTDOWN_TIMEOUT) -> None:
+        """Stop the watchdog, hand what it found (and at exit, the checkouts never closed)
+        to the delivery threads and give them up to ``timeout`` seconds in all: a stuck
+        sink or callback never holds the caller (the interpreter's exit) longer. What is
+        left undelivered is counted as dropped."""
+        deadline = monotonic() + timeout
+        self.watchdog.stop(timeout)
+        if at_exit:
+            for rec in self.tracker.registry.snapshot():
+                if (
+                    not rec.closed
+                    and not rec.parked
+                    and all(kind in SUSPECTED_KINDS for kind in rec.reported)
+                ):
+                    self.tracker.report(rec, NEVER_CLOSED)
+        self.tracker.flush(self.delivery.put)
+        dropped = self.callback_delivery.dropped
+        ours = self.delivery.stop(max(0.0, deadline - monotonic()))
+        theirs = self.callback_delivery.stop(max(0.0, deadline - monotonic()))
+        if ours and not theirs:  # (if our own sinks are stuck, so may the logging be)
+            logger.warning(
+                "pgleakguard: gave up waiting for the on_leak callback after %.0fs; "
+                "%d event(s) not delivered to it",
+                timeout,
+                self.callback_delivery.dropped - dropped,
+            )
 
     def attach_telemetry(self) -> None:
         """Record OpenTelemetry metrics and leak spans (from when a provider is configured)."""
@@ -80,11 +140,14 @@ def current() -> Installed | None:
 def install(**options: Any) -> Config:
     """Start finding connection leaks in this process.
 
-    Options (all optional; each can also come from ``PGLEAKGUARD_<OPTION>``): service,
-    leak_threshold, idle_in_transaction_threshold, capture_stack, stack_depth, on_leak,
-    integrations, log_level, ignore_modules, tag_application_name, jsonl_path, sql_comments,
-    retag_on_checkout, activity_dsn.
-    Calling it again with the same options does nothing; with other options it re-installs.
+    Options (all optional; see :class:`~pgleakguard.Config`; each but the objects can also
+    come from ``PGLEAKGUARD_<OPTION>``): service, leak_threshold,
+    idle_in_transaction_threshold, capture_stack, stack_depth, on_leak, integrations,
+    log_level, ignore_modules, tag_application_name, jsonl_path, sql_comments,
+    retag_on_checkout, max_open_checkouts, otel, otel_checkout_spans, meter_provider,
+    tracer_provider, max_sql_length, redact_sql, activity_dsn.
+    Calling it again with the same options does nothing; with other options it re-installs
+    (the checkouts open then are forgotten).
     """
     global _state
     config = Config.load(**options)
@@ -104,7 +167,8 @@ def install(**options: Any) -> Config:
 
 
 def uninstall() -> None:
-    """Remove every hook and stop the watchdog. Open checkouts are forgotten."""
+    """Remove every hook and stop the watchdog. Open checkouts are forgotten; events found
+    so far are delivered (waiting at most ``SHUTDOWN_TIMEOUT`` seconds for the sinks)."""
     with _lock:
         _uninstall_locked()
 
@@ -117,9 +181,8 @@ def _uninstall_locked() -> None:
     for integration in reversed(state.integrations):
         with _safety.guard():
             integration.teardown()
-    state.watchdog.stop()
-    state.delivery.stop(timeout=2.0)
-    state.tracker.flush()
+    with _safety.guard():
+        state.shut_down()
 
 
 def enable_integrations(names: tuple[str, ...]) -> list[str]:
@@ -164,48 +227,52 @@ def check() -> None:
     """Run one watchdog scan now and deliver every pending event (tests, shutdown hooks)."""
     state = _state
     if state is not None:
-        state.watchdog.scan()
-        state.tracker.flush(state.delivery.put)
-        state.delivery.drain(timeout=10.0)
+        with _safety.guard():
+            state.watchdog.scan()
+            state.tracker.flush(state.delivery.put)
+            state.drain(timeout=10.0)
 
 
 def stats() -> dict[str, Any]:
-    """Counters: internal errors swallowed, open checkouts, leaks reported by kind."""
+    """Counters: whether installed, internal errors swallowed, operational errors (a server
+    that refused the activity_dsn lookup...), open checkouts, leaks reported by kind,
+    watchdog scans, checkouts not tracked (max_open_checkouts), events dropped."""
     state = _state
     return {
         "installed": state is not None,
         "internal_errors": _safety.internal_error_count(),
+        "operational_errors": _safety.operational_error_count(),
         "open_checkouts": len(state.tracker.registry) if state is not None else 0,
         "leaks": dict(state.tracker.leak_counts) if state is not None else {},
         "watchdog_scans": state.watchdog.scans if state is not None else 0,
         "untracked_checkouts": state.tracker.untracked if state is not None else 0,
-        "dropped_events": state.delivery.dropped if state is not None else 0,
+        "dropped_events": (
+            state.delivery.dropped + state.callback_delivery.dropped if state is not None else 0
+        ),
     }
 
 
 def _after_fork_in_child() -> None:
+    global _lock
+    # Another thread may have held these locks at fork: in the child nobody ever releases them.
+    _lock = threading.RLock()
+    _safety.reset_after_fork()
     state = _state
     if state is not None:
-        state.tracker.reset_after_fork()
-        state.watchdog.reset_after_fork()
-        state.delivery.reset_after_fork()
+        with _safety.guard():
+            state.tracker.reset_after_fork()
+            state.watchdog.reset_after_fork()
+            state.delivery.reset_after_fork()
+            state.callback_delivery.reset_after_fork()
 
 
 def _at_exit() -> None:
     state = _state
-    if state is None:
+    if state is None or state.exited:
         return
+    state.exited = True
     with _safety.guard():
-        state.watchdog.stop()
-        state.delivery.stop(timeout=2.0)
-        for rec in state.tracker.registry.snapshot():
-            if (
-                not rec.closed
-                and not rec.parked
-                and all(kind in SUSPECTED_KINDS for kind in rec.reported)
-            ):
-                state.tracker.report(rec, NEVER_CLOSED)
-        state.tracker.flush()
+        state.shut_down(at_exit=True)
 
 
 if hasattr(os, "register_at_fork"):

@@ -81,15 +81,15 @@ def _is_library(frame: FrameType) -> bool:
     return result
 
 
-def capture(depth: int, skip: int = 1) -> Stack:
+def capture(depth: int, skip: int = 1, awaiting: Any = None) -> Stack:
     """``depth`` frames from the call-site outwards, most recent first, as a flat tuple.
 
     The call-site is the first frame, walking out from the caller, whose module is not in
     the library filter. Where the thread's own frames end, the walk goes on in the code this
     thread runs for: the parent greenlet (SQLAlchemy's asyncio layer runs the pool inside a
-    greenlet) and the asyncio task awaiting it (:data:`AWAITING`, set for Django's
-    ``sync_to_async``). Library frames past the call-site are kept here and left out when
-    a report is rendered.
+    greenlet) and the asyncio task awaiting it (``awaiting``, else :data:`AWAITING`, set for
+    Django's ``sync_to_async``). Library frames past the call-site are kept here and left
+    out when a report is rendered.
     """
     try:
         frame: FrameType | None = sys._getframe(skip + 1)
@@ -97,10 +97,13 @@ def capture(depth: int, skip: int = 1) -> Stack:
         frame = None
     known = _library_code
     beyond: Iterator[FrameType] | None = None
+    if awaiting is not None:
+        beyond = _then_awaiting(frame, awaiting)
+        frame = next(beyond, None)
     while True:  # to the call-site
         if frame is None:
             if beyond is None:
-                beyond = _beyond_thread()
+                beyond = _beyond_thread(awaiting)
             frame = next(beyond, None)
             if frame is None:
                 break
@@ -121,16 +124,17 @@ def capture(depth: int, skip: int = 1) -> Stack:
         if beyond is None:
             frame = frame.f_back
             if frame is None:
-                beyond = _beyond_thread()
+                beyond = _beyond_thread(awaiting)
                 frame = next(beyond, None)
         else:
             frame = next(beyond, None)
     return tuple(out)
 
 
-def _beyond_thread() -> Iterator[FrameType]:
+def _beyond_thread(awaiting: Any = None) -> Iterator[FrameType]:
     """Frames, outwards, of the code the current thread runs on behalf of: suspended parent
-    greenlets, then the coroutines of the task in :data:`AWAITING`."""
+    greenlets, then the coroutines of the task ``awaiting`` (else the one in
+    :data:`AWAITING`)."""
     module = sys.modules.get("greenlet")
     if module is not None:
         glet = module.getcurrent().parent
@@ -140,9 +144,26 @@ def _beyond_thread() -> Iterator[FrameType]:
                 yield frame
                 frame = frame.f_back
             glet = glet.parent
-    task = AWAITING.get()
+    task = AWAITING.get() if awaiting is None else awaiting
     if task is not None and not task.done():
         yield from reversed(task_frames(task))
+
+
+def _then_awaiting(frame: FrameType | None, awaiting: Any) -> Iterator[FrameType]:
+    """Frames, outwards, of the current task's coroutines, then of ``awaiting``'s: the
+    current task runs for ``awaiting`` (``asyncio.wait_for`` before Python 3.12), and the
+    event loop's frames below its coroutines say nothing."""
+    task = sys.modules["asyncio"].current_task()
+    top = getattr(task.get_coro(), "cr_frame", None) if task is not None else None
+    own: list[FrameType] = []
+    while frame is not None:
+        own.append(frame)
+        if frame is top:
+            yield from own
+            break
+        frame = frame.f_back
+    # Not found: the frames skipped as ours were all the task ran (wait_for(pool.getconn())).
+    yield from reversed(task_frames(awaiting))
 
 
 def task_frames(task: Any) -> list[FrameType]:

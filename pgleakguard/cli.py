@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .config import Config
+from .config import Config, convert
 
 # Options of `run` that map onto install() options (and so onto PGLEAKGUARD_* variables).
 _RUN_OPTIONS = (
@@ -308,12 +308,14 @@ def run_command(options: argparse.Namespace) -> int:
     if not program:
         return _fail("run needs a command: pgleakguard run -- python app.py")
     env = dict(os.environ)
-    given = {name: getattr(options, name) for name, _ in _RUN_OPTIONS}
-    for name, value in given.items():
-        if value is not None:
-            env["PGLEAKGUARD_" + name.upper()] = value
+    # A bad option is reported here, before the program starts, naming what the user typed.
     try:
-        Config.load(environ=env)  # a bad option is reported here, before the program starts
+        for name, _ in _RUN_OPTIONS:
+            value = getattr(options, name)
+            if value is not None:
+                convert(name, value, source="--" + name.replace("_", "-"))
+                env["PGLEAKGUARD_" + name.upper()] = value
+        Config.load(environ=env)  # and the PGLEAKGUARD_* variables already set
     except (TypeError, ValueError) as exc:
         return _fail(str(exc).removeprefix("pgleakguard: "))
     bootstrap = str(Path(__file__).parent / "_bootstrap")

@@ -28,6 +28,7 @@ _WHOLE_NUMBERS = {
     "max_sql_length": (10, 1_000_000, "a whole number of characters from 10 to 1000000"),
 }
 _OBJECTS = ("on_leak", "meter_provider", "tracer_provider")  # keyword only, never from env
+_PROVIDERS = {"meter_provider": "get_meter", "tracer_provider": "get_tracer"}
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -47,11 +48,13 @@ class Config:
     capture_stack: bool = True
     #: Frames kept per acquisition stack, starting at the call-site.
     stack_depth: int = 20
-    #: Called with every event (LeakEvent or ReturnedEvent), from the watchdog thread.
+    #: Called with every event (LeakEvent or ReturnedEvent), in order, from a daemon thread
+    #: of its own (``pgleakguard-on-leak``): a slow callback delays no other sink.
     on_leak: Callable[[Event], None] | None = None
     #: "auto", or the integrations to enable by name.
     integrations: tuple[str, ...] = ("auto",)
-    #: Level at which the logging sink writes leak reports.
+    #: Level at which the logging sink writes leak reports: a level name, or a number
+    #: (kept as its name when it is a standard level, else as digits, e.g. ``"15"``).
     log_level: str = "WARNING"
     #: Extra module prefixes skipped when looking for the call-site (e.g. your DB helper package).
     ignore_modules: tuple[str, ...] = ()
@@ -77,9 +80,10 @@ class Config:
     max_sql_length: int = 1000
     #: Replace the literals of SQL text in reports with ``?`` (values stay out of logs).
     redact_sql: bool = False
-    #: When set, the watchdog thread adds each leak's pg_stat_activity row to its report,
-    #: read over its own short-lived connection to this DSN (``pg_monitor`` is enough).
-    #: Left out of repr(): a DSN may hold a password.
+    #: When set, the delivery thread (``pgleakguard-sinks``) adds each leak's
+    #: pg_stat_activity row to its report, read over its own short-lived connection to this
+    #: DSN (``pg_monitor`` is enough). Left out of repr() and of every error message: a DSN
+    #: may hold a password.
     activity_dsn: str | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
@@ -100,27 +104,35 @@ class Config:
         values: dict[str, Any] = {}
         for name in fields:
             if name in kwargs:
-                values[name] = _convert(name, kwargs[name], from_env=None)
+                values[name] = convert(name, kwargs[name])
                 continue
             var = "PGLEAKGUARD_" + name.upper()
             if name not in _OBJECTS and env.get(var, "") != "":
-                values[name] = _convert(name, env[var], from_env=var)
+                values[name] = convert(name, env[var], source="$" + var)
         return cls(**values)
 
 
-def _bad(name: str, value: Any, accepted: str, from_env: str | None) -> ValueError:
-    where = f" (from ${from_env})" if from_env else ""
-    return ValueError(f"pgleakguard: invalid {name}={value!r}{where}: expected {accepted}")
+#: Options whose value never appears in an error message.
+_SECRET = ("activity_dsn",)
 
 
-def _convert(name: str, value: Any, from_env: str | None) -> Any:
+def _bad(name: str, value: Any, accepted: str, source: str | None) -> ValueError:
+    where = f" (from {source})" if source else ""
+    shown = f"<{type(value).__name__}, not shown>" if name in _SECRET else repr(value)
+    return ValueError(f"pgleakguard: invalid {name}={shown}{where}: expected {accepted}")
+
+
+def convert(name: str, value: Any, source: str | None = None) -> Any:
+    """The value of option ``name`` given as ``value``, checked and converted; else a
+    ``ValueError`` naming the option, where it came from (``source``: ``"$VARIABLE"``,
+    ``"--option"``), the value (never a DSN's) and what is accepted."""
     if name in ("leak_threshold", "idle_in_transaction_threshold"):
         try:
             number = float(value)
         except (TypeError, ValueError):
             number = -1.0
         if isinstance(value, bool) or not number > 0 or number != number or number == float("inf"):
-            raise _bad(name, value, "a positive number of seconds, e.g. 30 or 0.5", from_env)
+            raise _bad(name, value, "a positive number of seconds, e.g. 30 or 0.5", source)
         return number
     if name in _WHOLE_NUMBERS:
         low, high, accepted = _WHOLE_NUMBERS[name]
@@ -129,47 +141,52 @@ def _convert(name: str, value: Any, from_env: str | None) -> Any:
         except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
             number = low - 1
         if isinstance(value, (bool, float)) or not low <= number <= high:
-            raise _bad(name, value, accepted, from_env)
+            raise _bad(name, value, accepted, source)
         return number
     if name in _BOOLEANS:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
             return value.strip().lower() in _TRUE
-        raise _bad(name, value, "true or false (1/0, yes/no, on/off)", from_env)
+        raise _bad(name, value, "true or false (1/0, yes/no, on/off)", source)
     if name == "log_level":
-        level = str(value).upper() if isinstance(value, str) else value
-        if isinstance(level, int) and not isinstance(level, bool):
-            return logging.getLevelName(level)
+        level = value.strip().upper() if isinstance(value, str) else value
+        if isinstance(level, str) and level.isdigit():
+            level = int(level)
+        if isinstance(level, int) and not isinstance(level, bool) and 1 <= level <= 100:
+            standard = logging.getLevelName(level)
+            return standard if standard in _LOG_LEVELS else str(level)
         if level not in _LOG_LEVELS:
-            raise _bad(name, value, "one of " + ", ".join(_LOG_LEVELS), from_env)
+            accepted = "one of " + ", ".join(_LOG_LEVELS) + " or a number from 1 to 100"
+            raise _bad(name, value, accepted, source)
         return level
     if name == "integrations":
         names = _names(value)
         if names is None:
-            raise _bad(name, value, '"auto" or a list of names', from_env)
+            raise _bad(name, value, '"auto" or a list of names', source)
         if names == ("auto",):
             return names
         bad = [n for n in names if n not in KNOWN_INTEGRATIONS]
         if bad or not names:
-            raise _bad(
-                name, value, '"auto" or names from ' + ", ".join(KNOWN_INTEGRATIONS), from_env
-            )
+            raise _bad(name, value, '"auto" or names from ' + ", ".join(KNOWN_INTEGRATIONS), source)
         return names
     if name == "ignore_modules":
         names = _names(value)
         if names is None:
-            raise _bad(name, value, "module names, e.g. myapp.db", from_env)
+            raise _bad(name, value, "module names, e.g. myapp.db", source)
         return names
-    if name in ("meter_provider", "tracer_provider"):
+    if name in _PROVIDERS:
+        method = _PROVIDERS[name]
+        if value is not None and not callable(getattr(value, method, None)):
+            raise _bad(name, value, f"an OpenTelemetry provider (with {method}()), or None", source)
         return value
     if name == "on_leak":
         if value is not None and not callable(value):
-            raise _bad(name, value, "a callable taking one event, or None", from_env)
+            raise _bad(name, value, "a callable taking one event, or None", source)
         return value
     # service, jsonl_path, activity_dsn: strings
     if value is not None and not isinstance(value, str):
-        raise _bad(name, value, "a string", from_env)
+        raise _bad(name, value, "a string", source)
     return value or None
 
 

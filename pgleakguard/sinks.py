@@ -1,4 +1,5 @@
-"""Where events go: the ``pgleakguard`` logger, a user callback, a JSON-lines file."""
+"""Where events go: the ``pgleakguard`` logger, a JSON-lines file, the user's callback; and
+the daemon threads that deliver them there."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import threading
 from collections import deque
 from typing import Callable
 
-from ._safety import guard
+from ._safety import guard, operational_guard, record_operational_error
 from .config import Config
 from .events import Event, LeakEvent
 
@@ -21,7 +22,8 @@ class LoggingSink:
     """Logs each leak's rendered report at ``level`` (returns at INFO)."""
 
     def __init__(self, level: str = "WARNING") -> None:
-        self.level = logging.getLevelName(level)
+        # A level name, or a number (a custom level such as 15) as the config keeps it.
+        self.level: int = int(level) if level.isdigit() else logging.getLevelName(level)
 
     def __call__(self, event: Event) -> None:
         level = self.level if isinstance(event, LeakEvent) else logging.INFO
@@ -37,8 +39,11 @@ class JsonLinesSink:
 
     def __call__(self, event: Event) -> None:
         line = json.dumps(event.as_dict(), default=str, sort_keys=True)
-        with self._lock, open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
+        try:
+            with self._lock, open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(line + "\n")
+        except OSError as exc:  # no such directory, disk full: the machine's, not a bug
+            record_operational_error(f"writing jsonl_path {self.path}", exc)
 
 
 class Dispatcher:
@@ -53,37 +58,55 @@ class Dispatcher:
                 sink(event)
 
 
-class Delivery:
-    """A daemon thread that hands events to the sinks, so a slow or stuck sink never delays
-    the watchdog's scans. The queue is bounded: past ``limit`` events are dropped, counted."""
+#: Events one delivery thread may have waiting; past it new ones are dropped (and counted).
+QUEUE_LIMIT = 10_000
 
-    def __init__(self, dispatch: Sink, limit: int = 10_000) -> None:
+
+class Delivery:
+    """A daemon thread that hands events to ``dispatch``, so a slow or stuck sink never delays
+    the watchdog's scans or the application's threads. The queue is bounded: past ``limit``
+    waiting events new ones are dropped, counted in :attr:`dropped` and logged once."""
+
+    def __init__(self, dispatch: Sink, name: str, what: str, limit: int = QUEUE_LIMIT) -> None:
         self._dispatch = dispatch
+        self.name = name
+        #: What the thread delivers to, in the words of the drop warning.
+        self.what = what
         self._limit = limit
         self._queue: deque[Event] = deque()
         self._busy = 0
         self._cond = threading.Condition()
         self._stop = False
+        self._abandoned = False
         self._thread: threading.Thread | None = None
-        #: Events dropped because the queue was full.
+        #: Events dropped: the queue was full, or delivery was given up at exit/uninstall.
         self.dropped = 0
+        self._warned = False
         #: Adds server-side context to a batch of events before the sinks see it
         #: (``activity_dsn``); runs here, never in the watchdog or the user's threads.
         self.enrich: Callable[[list[Event]], None] | None = None
 
     def put(self, event: Event) -> None:
+        """Queue ``event`` for delivery (never blocks on a sink)."""
         with self._cond:
             if len(self._queue) >= self._limit:
                 self.dropped += 1
-                return
-            self._queue.append(event)
-            self._cond.notify()
-            if self._thread is None:
-                self._stop = False
-                self._thread = threading.Thread(
-                    target=self._run, name="pgleakguard-sinks", daemon=True
-                )
-                self._thread.start()
+                warn, self._warned = not self._warned, True
+            else:
+                warn = False
+                self._queue.append(event)
+                self._cond.notify()
+                if self._thread is None:
+                    self._stop = self._abandoned = False
+                    self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                    self._thread.start()
+        if warn:
+            logger.warning(
+                "pgleakguard: %d events are waiting for %s (slow or stuck); new events are "
+                "dropped, counted in stats()['dropped_events']",
+                self._limit,
+                self.what,
+            )
 
     def _run(self) -> None:
         while True:
@@ -97,9 +120,11 @@ class Delivery:
                 self._busy += len(batch)
             try:
                 if self.enrich is not None:
-                    with guard():
+                    with operational_guard("activity_dsn lookup"):
                         self.enrich(batch)
                 for event in batch:
+                    if self._abandoned:
+                        break
                     self._dispatch(event)
             finally:
                 with self._cond:
@@ -111,15 +136,22 @@ class Delivery:
         with self._cond:
             return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
 
-    def stop(self, timeout: float) -> None:
-        """Deliver what is queued (up to ``timeout``), then end the thread."""
-        self.drain(timeout)
+    def stop(self, timeout: float) -> bool:
+        """Deliver what is queued for up to ``timeout`` seconds, then end the thread. What
+        is still undelivered then is given up (counted as dropped): a stuck sink must not
+        hold the process. False if something was given up."""
+        delivered = self.drain(timeout)
         with self._cond:
+            if not delivered:
+                self.dropped += len(self._queue) + self._busy
+                self._queue.clear()
+                self._abandoned = True
             self._stop = True
             self._cond.notify_all()
             thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
+        if delivered and thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+        return delivered
 
     def reset_after_fork(self) -> None:
         """In a forked child the thread is gone and the queue is the parent's."""
@@ -130,10 +162,9 @@ class Delivery:
 
 
 def sinks_for(config: Config) -> list[Sink]:
-    """The sinks a configuration asks for: logging always, then callback and JSON file."""
+    """pgleakguard's own sinks a configuration asks for: logging always, then the JSON file.
+    (The user's ``on_leak`` callback is delivered to on a thread of its own.)"""
     sinks: list[Sink] = [LoggingSink(config.log_level)]
-    if config.on_leak is not None:
-        sinks.append(config.on_leak)
     if config.jsonl_path:
         sinks.append(JsonLinesSink(config.jsonl_path))
     return sinks

@@ -15,6 +15,7 @@ import weakref
 from collections import deque
 from collections.abc import Sequence
 from contextlib import suppress
+from functools import partial
 from time import monotonic, time
 from typing import Any, Callable, Optional
 
@@ -52,6 +53,25 @@ _main_thread = threading.main_thread()
 
 _Finding = tuple[str, "Checkout", Optional[dict[str, Any]]]
 
+# Before Python 3.12, asyncio.wait_for runs its awaitable in a task of its own, which ends
+# the moment it hands the connection over: the holder is the task awaiting wait_for.
+_release_waiter = getattr(asyncio.tasks, "_release_waiter", None)
+if sys.version_info >= (3, 12):
+    _release_waiter = None
+
+
+def _wait_for_caller(task: Any) -> Any:
+    """``task``, or the task awaiting it if ``task`` is one that ``asyncio.wait_for`` made
+    (Python < 3.12): wait_for's done callback releases a future that the caller awaits."""
+    for callback, _ in getattr(task, "_callbacks", None) or ():
+        if type(callback) is partial and callback.func is _release_waiter:
+            for wakeup, _ in getattr(callback.args[0], "_callbacks", None) or ():
+                caller = getattr(wakeup, "__self__", None)
+                # (a task: C or pure-Python, which the C Task class does not cover)
+                if hasattr(caller, "get_coro") and hasattr(caller, "done"):
+                    return _wait_for_caller(caller)  # wait_for inside wait_for
+    return task
+
 
 class Checkout:
     """One period during which application code holds a database connection.
@@ -64,6 +84,7 @@ class Checkout:
         "connection_id",
         "integration",
         "pool",
+        "pool_id",
         "backend_pid",
         "application_name",
         "service",
@@ -89,6 +110,8 @@ class Checkout:
     connection_id: int
     integration: str
     pool: str | None
+    #: id() of the pool object, where the integration knows it (two pools may share a name).
+    pool_id: int | None
     backend_pid: int | None
     application_name: str | None
     service: str | None
@@ -218,6 +241,8 @@ class Tracker:
         # where rendering or logging is unsafe; the watchdog (or flush()) turns them into events.
         # A ReturnedEvent is made when the checkout ends (a resumed one changes).
         self._pending: deque[_Finding | ReturnedEvent] = deque()
+        #: Queues an event for the delivery thread (set by install(); see hand_over()).
+        self.enqueue: Callable[[Event], None] | None = None
         self._depth = config.stack_depth if config.capture_stack else 1
         self._on_begin: Callable[[], None] | None = None
         self._watching = False
@@ -247,6 +272,7 @@ class Tracker:
         application_name: str | None = None,
         connection_id: int | None = None,
         skip: int = 1,
+        pool_id: int | None = None,
     ) -> Checkout | None:
         """Start a checkout of ``conn`` by the calling code. ``skip`` frames are ours.
 
@@ -258,15 +284,21 @@ class Tracker:
             return None
         rec = Checkout()
         rec.id = checkout_id = next(self._ids)
-        rec.stack = _capture(self._depth, skip + 1)
+        task: Any = _current_task() if _get_running_loop() is not None else None
+        awaiting = None
+        if task is not None and _release_waiter is not None:
+            holder = _wait_for_caller(task)
+            if holder is not task:  # the stack goes on in the caller's coroutines
+                task = awaiting = holder
+        rec.stack = _capture(self._depth, skip + 1, awaiting)
         rec.connection_id = id(conn) if connection_id is None else connection_id
         rec.integration = integration
         rec.pool = pool
+        rec.pool_id = pool_id
         rec.backend_pid = backend_pid
         rec.application_name = application_name
         rec.service = self._service
         rec.started = rec.last_activity = monotonic()
-        task: Any = _current_task() if _get_running_loop() is not None else None
         if task is None:
             try:
                 rec.owner, rec.owner_name = _thread_owner.value
@@ -441,6 +473,12 @@ class Tracker:
             with guard():
                 deliver(event)
 
+    def hand_over(self) -> None:
+        """Turn queued findings into events here and now (a holder's stack is where the
+        holder is now), and queue them for the delivery thread: the calling thread (a
+        request ending) never waits for a sink."""
+        self.flush(self.enqueue)
+
     def leak_event(
         self, rec: Checkout, kind: str, details: dict[str, Any] | None = None
     ) -> LeakEvent:
@@ -486,6 +524,10 @@ class Tracker:
         self._pending.clear()
         self.connections = weakref.WeakValueDictionary()
         self._watching = False
+        # The child starts counting afresh: its stats() and pool timeouts are its own.
+        self.collected.clear()
+        self.leak_counts = {}
+        self.untracked = 0
 
 
 def describe_holders(

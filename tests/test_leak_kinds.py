@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,7 @@ import psycopg
 import psycopg_pool
 import pytest
 
-from conftest import EventLog, marked_line
+from conftest import EventLog, marked_line, settle
 
 HERE = __file__
 
@@ -36,6 +37,27 @@ async def take_araw(dsn: str) -> psycopg.AsyncConnection[Any]:
 
 async def take_apool(pool: psycopg_pool.AsyncConnectionPool[Any]) -> psycopg.AsyncConnection[Any]:
     return await pool.getconn()  # leak: apool
+
+
+async def take_wait_for(source: Async) -> psycopg.AsyncConnection[Any]:
+    connect = psycopg.AsyncConnection.connect
+    if source.flavor == "araw":
+        return await asyncio.wait_for(connect(source.dsn), 5)  # leak: wf-araw
+    return await asyncio.wait_for(source.pool.getconn(), 5)  # leak: wf-apool
+
+
+def hold_in_block(pool: psycopg_pool.ConnectionPool[Any], until: Any) -> None:
+    with pool.connection() as conn:  # leak: pool-block
+        conn.execute("SELECT 1")
+        conn.commit()
+        until()
+
+
+async def ahold_in_block(pool: psycopg_pool.AsyncConnectionPool[Any], until: Any) -> None:
+    async with pool.connection() as conn:  # leak: apool-block
+        await conn.execute("SELECT 1")
+        await conn.commit()
+        await until()  # leak: apool-await
 
 
 class Sync:
@@ -116,6 +138,8 @@ def test_held_too_long_names_the_line_then_returned_reports_hold_time(
     conn = sync.take()
     pid = conn.info.backend_pid
     [event] = events.wait_for("held_too_long")
+    settle()
+    assert events.leaks() == [event]  # reported once, however many scans see it
     assert_names_line(event, sync)
     assert event.backend_pid == pid
     assert event.severity == "suspected"
@@ -135,11 +159,49 @@ def test_idle_in_transaction_names_the_line(sync: Sync, install: Any, pg_dsn: st
     conn = sync.take()
     conn.execute("SELECT 1")  # opens a transaction (autocommit is off), then idles
     [event] = pgleakguard_events.wait_for("idle_in_transaction")
+    settle()
+    assert pgleakguard_events.leaks() == [event]  # reported once
     assert_names_line(event, sync)
     assert event.transaction_status == "INTRANS"
     assert event.idle is not None and event.idle >= 0.2
     conn.rollback()
     sync.give_back(conn)
+
+
+def test_a_long_statement_in_a_transaction_is_not_idle_but_the_idle_after_it_is(
+    sync: Sync, install: Any
+) -> None:
+    events = install(leak_threshold=60, idle_in_transaction_threshold=0.3)
+    conn = sync.take()
+    conn.execute("SELECT 1")  # opens a transaction
+    conn.execute("SELECT pg_sleep(1.5)")  # five thresholds long, but running, not idle
+    import pgleakguard
+
+    pgleakguard.check()  # deliver whatever the watchdog found while the statement ran
+    assert events.leaks() == []
+    [event] = events.wait_for("idle_in_transaction")  # the idle after it is reported
+    assert_names_line(event, sync)
+    assert event.transaction_status == "INTRANS"
+    assert event.age >= 1.8 and 0.3 <= event.idle < event.age - 1.5
+    conn.rollback()
+    sync.give_back(conn)
+
+
+def test_held_too_long_inside_a_pool_connection_block_names_the_with_line(
+    pg_dsn: str, events: EventLog
+) -> None:
+    found: list[Any] = []
+    with psycopg_pool.ConnectionPool(pg_dsn, min_size=1, max_size=2, name="blocks") as pool:
+        hold_in_block(pool, lambda: found.extend(events.wait_for("held_too_long")))
+        [event] = found
+        assert (event.callsite.file, event.callsite.line, event.callsite.function) == (
+            HERE,
+            marked_line(HERE, "pool-block"),
+            "hold_in_block",
+        )
+        assert (event.integration, event.pool) == ("psycopg_pool", "blocks")
+        # the block's end gave it back
+        assert events.wait_returned().checkout_id == event.checkout_id
 
 
 def test_owner_exited_when_thread_ends_holding_it(sync: Sync, events: EventLog) -> None:
@@ -148,6 +210,8 @@ def test_owner_exited_when_thread_ends_holding_it(sync: Sync, events: EventLog) 
     worker.start()
     worker.join()
     [event] = events.wait_for("owner_exited")
+    settle()
+    assert events.leaks() == [event]  # reported once, and nothing else (definite)
     assert_names_line(event, sync)
     assert event.severity == "definite"
     assert event.holder == "leaky-worker" and not event.holder_alive
@@ -162,6 +226,8 @@ def test_garbage_collected_when_dropped_without_return(sync: Sync, events: Event
     drop()
     gc.collect()
     [event] = events.wait_for("garbage_collected")
+    settle()
+    assert events.leaks() == [event]  # reported once
     assert_names_line(event, sync)
     assert event.severity == "definite"
 
@@ -185,7 +251,8 @@ def test_proper_use_reports_nothing(sync: Sync, events: EventLog) -> None:
 async def test_async_held_too_long_names_the_line(asource: Async, events: EventLog) -> None:
     conn = await asource.take()
     await asyncio.to_thread(events.wait_for, "held_too_long")
-    [event] = events.leaks("held_too_long")
+    await asyncio.to_thread(settle)
+    [event] = events.leaks()
     assert_names_line(event, asource)
     assert event.holder_kind == "task" and event.holder_alive
     await asource.give_back(conn)
@@ -196,11 +263,111 @@ async def test_async_idle_in_transaction_names_the_line(asource: Async, events: 
     conn = await asource.take()
     await conn.execute("SELECT 1")
     await asyncio.to_thread(events.wait_for, "idle_in_transaction")
+    await asyncio.to_thread(settle)
     [event] = events.leaks("idle_in_transaction")
     assert_names_line(event, asource)
     assert event.transaction_status == "INTRANS"
     await conn.rollback()
     await asource.give_back(conn)
+
+
+async def test_async_long_statement_in_a_transaction_is_not_idle_but_the_idle_after_it_is(
+    asource: Async, install: Any
+) -> None:
+    events = install(leak_threshold=60, idle_in_transaction_threshold=0.3)
+    conn = await asource.take()
+    await conn.execute("SELECT 1")
+    await conn.execute("SELECT pg_sleep(1.5)")
+    import pgleakguard
+
+    await asyncio.to_thread(pgleakguard.check)
+    assert events.leaks() == []
+    [event] = await asyncio.to_thread(events.wait_for, "idle_in_transaction")
+    assert_names_line(event, asource)
+    assert event.transaction_status == "INTRANS"
+    assert event.age >= 1.8 and 0.3 <= event.idle < event.age - 1.5
+    await conn.rollback()
+    await asource.give_back(conn)
+
+
+async def test_wait_for_checkout_is_held_by_the_task_awaiting_it(
+    asource: Async, events: EventLog
+) -> None:
+    # Before Python 3.12 wait_for runs the checkout in a task of its own that ends at once.
+    line = marked_line(HERE, "wf-" + asource.flavor)
+    conn = await take_wait_for(asource)
+    [event] = await asyncio.to_thread(events.wait_for, "held_too_long")
+    await asyncio.to_thread(settle)
+    assert events.leaks() == [event]  # no owner_exited: this task holds it and is running
+    assert (event.callsite.file, event.callsite.line) == (HERE, line)
+    assert event.callsite.function == "take_wait_for"
+    me = asyncio.current_task()
+    assert me is not None
+    assert (event.holder, event.holder_kind, event.holder_alive) == (me.get_name(), "task", True)
+    await asource.give_back(conn)
+    events.clear()
+
+    kept: list[Any] = []
+
+    async def leaky() -> None:
+        kept.append(await take_wait_for(asource))
+
+    await asyncio.create_task(leaky(), name="wait-for-leaker")
+    [event] = await asyncio.to_thread(events.wait_for, "owner_exited")
+    assert (event.callsite.line, event.holder) == (line, "wait-for-leaker")
+    await asource.give_back(kept.pop())
+
+
+async def test_async_pool_connection_block_names_the_line_and_where_the_task_waits(
+    pg_dsn: str, events: EventLog
+) -> None:
+    found: list[Any] = []
+
+    async def until() -> None:
+        found.extend(await asyncio.to_thread(events.wait_for, "held_too_long"))  # leak: waits
+
+    pool = psycopg_pool.AsyncConnectionPool(pg_dsn, min_size=1, max_size=2, name="ablocks")
+    async with pool:
+        await ahold_in_block(pool, until)
+        [event] = found
+        assert (event.callsite.file, event.callsite.line, event.callsite.function) == (
+            HERE,
+            marked_line(HERE, "apool-block"),
+            "ahold_in_block",
+        )
+        assert (event.integration, event.pool, event.holder_kind) == (
+            "psycopg_pool",
+            "ablocks",
+            "task",
+        )
+        # the pending task's stack, innermost first: where it awaits, and what awaits that
+        assert event.holder_stack is not None
+        mine = [(f["line"], f["function"]) for f in event.holder_stack if f["file"] == HERE]
+        assert mine[:2] == [
+            (marked_line(HERE, "waits"), "until"),
+            (marked_line(HERE, "apool-await"), "ahold_in_block"),
+        ]
+        assert "await until()  # leak: apool-await" in event.render()
+        returned = await asyncio.to_thread(events.wait_returned)
+        assert returned.checkout_id == event.checkout_id
+
+
+async def test_async_connections_are_tagged_with_service_and_pid(
+    pg_dsn: str, events: EventLog
+) -> None:
+    tag = f"tests/pid:{os.getpid()}"
+    query = "SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as conn:
+        assert conn.info.parameter_status("application_name") == tag
+        assert await (await conn.execute(query)).fetchone() == (tag,)
+    named = await psycopg.AsyncConnection.connect(pg_dsn, application_name="billing-worker")
+    async with named:  # the user's own name is kept as the service part
+        assert (
+            named.info.parameter_status("application_name") == f"billing-worker/pid:{os.getpid()}"
+        )
+    pool = psycopg_pool.AsyncConnectionPool(pg_dsn, min_size=1, max_size=1, open=False)
+    async with pool, pool.connection() as pooled:  # the pool's own connections too
+        assert await (await pooled.execute(query)).fetchone() == (tag,)
 
 
 async def test_async_owner_exited_when_task_finishes_holding_it(
@@ -213,7 +380,8 @@ async def test_async_owner_exited_when_task_finishes_holding_it(
 
     await asyncio.create_task(leaky(), name="leaky-task")
     await asyncio.to_thread(events.wait_for, "owner_exited")
-    [event] = events.leaks("owner_exited")
+    await asyncio.to_thread(settle)
+    [event] = events.leaks()
     assert_names_line(event, asource)
     assert event.holder == "leaky-task" and event.holder_kind == "task"
     await asource.give_back(kept.pop())
@@ -227,14 +395,15 @@ async def test_async_garbage_collected_when_dropped(asource: Async, events: Even
     await drop()
     gc.collect()
     await asyncio.to_thread(events.wait_for, "garbage_collected")
-    [event] = events.leaks("garbage_collected")
+    await asyncio.to_thread(settle)
+    [event] = events.leaks()
     assert_names_line(event, asource)
 
 
 # -- never_closed, at interpreter exit ----------------------------------------------------
 
 NEVER_CLOSED = """
-import asyncio, sys
+import asyncio, sys, threading
 import psycopg, psycopg_pool
 import pgleakguard
 
@@ -242,16 +411,30 @@ pgleakguard.install(service="exit-test", leak_threshold=60)
 dsn = sys.argv[1]
 kept = []
 
-async def amain():
+async def hold(ready):
+    kept.append(asyncio.current_task())  # (the loop keeps only weak references to tasks)
     apool = psycopg_pool.AsyncConnectionPool(dsn, min_size=1, open=False)
     await apool.open()
     kept.append(await psycopg.AsyncConnection.connect(dsn))  # leak: exit-araw
     kept.append(await apool.getconn())  # leak: exit-apool
+    ready.set()
+    await asyncio.Event().wait()  # the task still holds them when the process exits
 
+loop = asyncio.new_event_loop()
+loop.set_exception_handler(lambda loop, context: None)  # (pending at exit on purpose)
+threading.Thread(target=loop.run_forever, name="event-loop", daemon=True).start()
+ready = threading.Event()
+asyncio.run_coroutine_threadsafe(hold(ready), loop)
 pool = psycopg_pool.ConnectionPool(dsn, min_size=1, open=True)
 kept.append(psycopg.connect(dsn))  # leak: exit-raw
 kept.append(pool.getconn())  # leak: exit-pool
-asyncio.run(amain())
+assert ready.wait(30)
+
+async def finish():
+    kept.append(await psycopg.AsyncConnection.connect(dsn))  # leak: exit-finished
+
+asyncio.run_coroutine_threadsafe(finish(), loop).result(30)
+pgleakguard.check()  # owner_exited now; at exit it is not reported again
 print("main done", flush=True)
 """
 
@@ -266,15 +449,17 @@ def test_never_closed_reported_once_at_exit_for_each_flavor(pg_dsn: str, tmp_pat
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "main done" in proc.stdout
-    assert "Traceback" not in proc.stderr
-    for name in ("exit-raw", "exit-pool", "exit-araw", "exit-apool"):
-        where = f"{script}:{marked_line(str(script), name)}"
-        reports = [
-            block for block in proc.stderr.split("pgleakguard: connection leak") if where in block
-        ]
-        kinds = [block.split("]")[0].strip(" [").split(",")[0] for block in reports]
-        # The async ones were taken by a task that finished: definite owner_exited may come
-        # first; then never_closed is not repeated for the same checkout.
-        assert kinds in (["never_closed"], ["owner_exited"]), (name, kinds, proc.stderr)
-    assert proc.stderr.count("[never_closed, definite]") >= 2
+    assert proc.stdout == "main done\n"
+    assert "Traceback" not in proc.stderr and "Task was destroyed" not in proc.stderr
+    reports = proc.stderr.split("pgleakguard: connection leak ")[1:]
+    assert len(reports) == 5, proc.stderr  # one per checkout, nothing else
+    for name, function, kind in [
+        ("exit-raw", "<module>", "never_closed"),
+        ("exit-pool", "<module>", "never_closed"),
+        ("exit-araw", "hold", "never_closed"),
+        ("exit-apool", "hold", "never_closed"),
+        ("exit-finished", "finish", "owner_exited"),
+    ]:
+        where = f"{script}:{marked_line(str(script), name)} in {function}"
+        found = [r for r in reports if f"checked out at {where}\n" in r]
+        assert [r.split(",")[0] for r in found] == [f"[{kind}"], (name, proc.stderr)

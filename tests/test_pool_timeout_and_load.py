@@ -40,6 +40,32 @@ def test_pool_timeout_message_names_the_leaking_line(pg_dsn: str, events: EventL
             pool.putconn(conn)
 
 
+def leak_other(pool: psycopg_pool.ConnectionPool[Any]) -> Any:
+    return pool.getconn()  # leak: timeout-other
+
+
+def test_pool_timeout_names_only_its_own_pool_when_two_share_a_name(
+    pg_dsn: str, events: EventLog
+) -> None:
+    mine, other = (
+        psycopg_pool.ConnectionPool(pg_dsn, min_size=1, max_size=1, name="same") for _ in "ab"
+    )
+    with mine, other:
+        kept = [leak_one(mine), leak_other(other)]
+        with pytest.raises(psycopg_pool.PoolTimeout) as info:
+            mine.getconn(timeout=0.1)
+        lines = str(info.value).splitlines()
+        assert lines[1:] == [
+            "pgleakguard: 1 connection(s) of pool 'same' checked out, by call-site:",
+            lines[2],
+        ]
+        assert lines[2].startswith(
+            f"  1 x {__file__}:{marked_line(__file__, 'timeout-sync')} in leak_one (oldest "
+        )
+        mine.putconn(kept[0])
+        other.putconn(kept[1])
+
+
 async def test_async_pool_timeout_message_names_the_leaking_line(
     pg_dsn: str, events: EventLog
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -12,8 +13,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import psycopg
+import psycopg_pool
+import pytest
 
 import pgleakguard
+from pgleakguard import _runtime, _safety
 
 from conftest import EventLog, marked_line
 
@@ -63,9 +67,78 @@ def test_forked_child_tracks_its_own_connections_not_the_parents(
     parent_conn.close()
 
 
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+def test_forked_child_starts_with_its_own_counters_and_free_locks(
+    pg_dsn: str, install: Callable[..., EventLog]
+) -> None:
+    events = install(leak_threshold=0.1, max_open_checkouts=2)
+    with psycopg_pool.ConnectionPool(pg_dsn, min_size=1, max_size=4, name="forky") as pool:
+        held = [pool.getconn(), pool.getconn()]
+        events.wait_for("held_too_long", count=2)
+        untracked = psycopg.connect(pg_dsn)  # max_open_checkouts are open: not tracked
+        pool.putconn(held.pop())
+
+        def drop() -> None:
+            pool.getconn()
+
+        drop()
+        gc.collect()
+        events.wait_for("garbage_collected")
+        state = _runtime.current()
+        assert state is not None and len(state.tracker.collected) == 1
+        parent = pgleakguard.stats()
+        assert parent["leaks"] == {"held_too_long": 2, "garbage_collected": 1}
+        assert parent["untracked_checkouts"] == 1
+
+        # Another thread holds pgleakguard's locks at the moment of the fork.
+        holding, release = threading.Event(), threading.Event()
+
+        def holder() -> None:
+            with _runtime._lock, _safety._lock:
+                holding.set()
+                release.wait(30)
+
+        thread = threading.Thread(target=holder)
+        thread.start()
+        assert holding.wait(10)
+
+        def child() -> dict[str, Any]:
+            stats = pgleakguard.stats()
+            current = _runtime.current()
+            assert current is not None
+            finished: list[bool] = []
+
+            def reinstall() -> None:  # takes both locks: they must not be the parent's
+                _safety.forget_logged()
+                pgleakguard.install(leak_threshold=60)
+                finished.append(True)
+
+            worker = threading.Thread(target=reinstall, daemon=True)
+            worker.start()
+            worker.join(10)
+            return {
+                "leaks": stats["leaks"],
+                "untracked": stats["untracked_checkouts"],
+                "collected": len(current.tracker.collected),
+                "finished": finished,
+            }
+
+        try:
+            result = in_forked_child(child)
+        finally:
+            release.set()
+            thread.join()
+        assert result == {"leaks": {}, "untracked": 0, "collected": 0, "finished": [True]}
+        assert pgleakguard.stats()["leaks"] == parent["leaks"]  # the parent's are untouched
+        pool.putconn(held.pop())
+        untracked.close()
+
+
 RUN_SCRIPT = """
 import sys, threading, time
 import psycopg
+import psycopg_pool
+import pytest
 
 kept = []
 def worker():
@@ -106,12 +179,45 @@ def test_run_installs_pgleakguard_without_a_code_change(pg_dsn: str, tmp_path: P
     assert proc.returncode == 0, proc.stderr
     line = marked_line(str(script), "run-thread")
     assert f"[owner_exited, definite] checked out at {script}:{line} in worker" in proc.stderr
+    # Nothing but the reports on stderr (no "Error in sitecustomize", no traceback).
+    assert proc.stderr.startswith("pgleakguard: connection leak [owner_exited, definite]")
+    assert [t for t in proc.stderr.splitlines() if not t.startswith(("pgleakguard: ", " "))] == []
     assert "holder=thread 'background-sync' (ended)" in proc.stderr
     first = json.loads(report.read_text().splitlines()[0])
     assert first["kind"] == "owner_exited"
     assert first["callsite"] == {"file": str(script), "line": line, "function": "worker"}
     assert first["service"] == "runner"
     assert first["application_name"].startswith("runner/pid:")
+
+
+INSTALLED = (
+    "import sys; runtime = sys.modules.get('pgleakguard._runtime'); "
+    "print('installed:', runtime is not None and runtime.current() is not None)"
+)
+
+
+def test_run_leaves_a_program_without_sitecustomize_a_clean_stderr() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgleakguard.cli", "run", "--", sys.executable, "-c", INSTALLED],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "installed: True\n", "")
+
+
+def test_run_still_runs_the_programs_own_sitecustomize(tmp_path: Path) -> None:
+    (tmp_path / "sitecustomize.py").write_text(INSTALLED.replace("'installed:'", "'own:'"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgleakguard.cli", "run", "--", sys.executable, "-c", INSTALLED],
+        env=dict(os.environ, PYTHONPATH=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    # The first line is the `pgleakguard run` process's own start-up (nothing installed).
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert proc.stdout.splitlines() == ["own: False", "own: True", "installed: True"]
 
 
 def test_run_rejects_a_bad_option_before_starting_the_program(tmp_path: Path) -> None:
@@ -135,7 +241,7 @@ def test_run_rejects_a_bad_option_before_starting_the_program(tmp_path: Path) ->
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
-        "pgleakguard: error: invalid leak_threshold='-3' (from $PGLEAKGUARD_LEAK_THRESHOLD): "
+        "pgleakguard: error: invalid leak_threshold='-3' (from --leak-threshold): "
         "expected a positive number of seconds, e.g. 30 or 0.5"
     )
     assert not marker.exists()
@@ -245,3 +351,52 @@ def test_spawned_child_tracks_only_its_own(pg_dsn: str, install: Callable[..., E
     pgleakguard.check()
     assert events.leaks() == []
     parent_conn.close()
+
+
+STUCK_CALLBACK = """
+import sys, threading, time
+import psycopg
+import psycopg_pool
+import pytest
+import pgleakguard
+
+entered = threading.Event()
+
+def stuck(event):
+    entered.set()
+    time.sleep(1000)
+
+how = sys.argv[2]
+threshold = 0.1 if how == "uninstall" else 60
+pgleakguard.install(service="stuck", leak_threshold=threshold, on_leak=stuck)
+conn = psycopg.connect(sys.argv[1])  # leak: stuck
+if how == "uninstall":
+    assert entered.wait(10)  # the callback is stuck in the held_too_long report
+    pgleakguard.uninstall()
+print("main done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["exit", "uninstall"])
+def test_a_stuck_on_leak_callback_never_holds_exit_or_uninstall(
+    how: str, pg_dsn: str, tmp_path: Path
+) -> None:
+    script = tmp_path / "stuck.py"
+    script.write_text(textwrap.dedent(STUCK_CALLBACK))
+    proc = subprocess.run(  # without a bound on the wait this never ends (timeout: failure)
+        [sys.executable, "-W", "ignore::ResourceWarning", str(script), pg_dsn, how],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (proc.returncode, proc.stdout) == (0, "main done\n"), proc.stderr
+    kind = "never_closed, definite" if how == "exit" else "held_too_long, suspected"
+    where = f"{script}:{marked_line(str(script), 'stuck')}"
+    # our own sinks still delivered the report; then the callback was given up on
+    assert f"pgleakguard: connection leak [{kind}] checked out at {where} in <module>" in (
+        proc.stderr
+    )
+    assert proc.stderr.rstrip().endswith(
+        "pgleakguard: gave up waiting for the on_leak callback after 2s; "
+        "1 event(s) not delivered to it"
+    )

@@ -20,15 +20,19 @@ def _bootstrap() -> None:
     except Exception as exc:  # a bad option must not stop the program; say why, once
         print(f"pgleakguard run: not installed: {exc}", file=sys.stderr)
     # Import the sitecustomize we shadowed, if there is one further down the path.
-    del sys.modules["sitecustomize"]
+    ours = sys.modules.pop("sitecustomize", None)
     saved = sys.path[:]
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
     try:
         importlib.import_module("sitecustomize")
-    except ImportError:
-        pass
+    except ImportError as exc:
+        if exc.name != "sitecustomize":  # the program's own one failed: as site.py would say
+            raise
     finally:
         sys.path[:] = saved
+        # site.py's import of us ends by moving sys.modules["sitecustomize"]: it must exist.
+        if "sitecustomize" not in sys.modules and ours is not None:
+            sys.modules["sitecustomize"] = ours
 
 
 _bootstrap()

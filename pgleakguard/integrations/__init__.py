@@ -43,23 +43,45 @@ class Patcher:
     """Replaces class or module attributes and puts back exactly what was there."""
 
     def __init__(self) -> None:
-        self._saved: list[tuple[Any, str, Any]] = []
+        self._saved: list[tuple[Any, str, Any, Any]] = []
 
     def patch(self, owner: Any, name: str, replacement: Any) -> Any:
         """Set ``owner.name = replacement``; return the attribute it replaces (as looked up)."""
         original = getattr(owner, name)
-        self._saved.append((owner, name, vars(owner).get(name, _MISSING)))
+        self._saved.append((owner, name, vars(owner).get(name, _MISSING), replacement))
         setattr(owner, name, replacement)
         return original
 
     def restore(self) -> None:
-        """Undo every patch, newest first."""
+        """Undo every patch, newest first. An attribute another instrumentation has wrapped
+        around ours since (``__wrapped__`` leads to ours, as functools.wraps and wrapt set
+        it) is left alone: putting the original back would drop its wrapper. Our hook stays
+        in its chain then."""
         while self._saved:
-            owner, name, value = self._saved.pop()
-            if value is _MISSING:
+            owner, name, value, replacement = self._saved.pop()
+            if _wraps(vars(owner).get(name), replacement):
+                logger.debug(
+                    "pgleakguard: %s.%s is wrapped by another instrumentation since "
+                    "pgleakguard hooked it; left as is",
+                    getattr(owner, "__name__", owner),
+                    name,
+                )
+            elif value is _MISSING:
                 delattr(owner, name)
             else:
                 setattr(owner, name, value)
+
+
+def _wraps(current: Any, ours: Any) -> bool:
+    """Whether ``current`` is a wrapper around ``ours`` (not ours itself, nor what another
+    tool's unwrap left of ours: OpenTelemetry's puts back a bound method)."""
+    for _ in range(10):  # a chain of wrappers, not a cycle
+        current = getattr(current, "__wrapped__", None)
+        if current is None:
+            return False
+        if current is ours:
+            return True
+    return False
 
 
 class Integration:

@@ -12,7 +12,7 @@ from typing import Any, cast
 
 from .. import tagging
 from .._safety import record_internal_error, safe_call
-from ..tracker import CHECKOUT_ATTR
+from ..tracker import CHECKOUT_ATTR, TX_ACTIVE
 from . import DidNotEnable, Integration
 
 try:
@@ -25,7 +25,16 @@ except ImportError as exc:  # pragma: no cover - exercised only without psycopg
 POOL_MODULES = ("psycopg_pool", "sqlalchemy", "django.db")
 
 #: Wrappers between a pool and psycopg.connect (other instrumentations).
-WRAPPER_MODULES = ("opentelemetry.", "wrapt", "pgleakguard.")
+WRAPPER_MODULES = ("opentelemetry", "wrapt", "pgleakguard")
+
+
+def _within(module: object, packages: tuple[str, ...]) -> bool:
+    """Whether ``module`` is one of ``packages`` or inside one (``sqlalchemy_utils`` is not
+    ``sqlalchemy``)."""
+    return isinstance(module, str) and any(
+        module == p or module.startswith(p + ".") for p in packages
+    )
+
 
 #: Per physical connection: (connection id, backend pid, application_name), set at connect.
 META_ATTR = "_pgleakguard_meta"
@@ -75,6 +84,11 @@ class PsycopgIntegration(Integration):
                 return conn
 
             async def wait(self: Any, gen: Any, *args: Any, **kwargs: Any) -> Any:
+                # (try/except inline, not safe_call: this runs around every statement)
+                try:
+                    _busy(self)
+                except Exception as exc:
+                    record_internal_error(exc)
                 try:
                     return await orig_wait(self, gen, *args, **kwargs)
                 finally:
@@ -99,6 +113,10 @@ class PsycopgIntegration(Integration):
 
             def wait(self: Any, gen: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
                 try:
+                    _busy(self)
+                except Exception as exc:
+                    record_internal_error(exc)
+                try:
                     return orig_wait(self, gen, *args, **kwargs)
                 finally:
                     try:
@@ -122,11 +140,15 @@ class PsycopgIntegration(Integration):
         config = self.tracker.config
         if not config.tag_application_name:
             return kwargs
-        user = (
-            kwargs.get("application_name")
-            or conninfo_to_dict(conninfo).get("application_name")
-            or os.environ.get("PGAPPNAME")
-        )
+        user = kwargs.get("application_name")
+        if not user:
+            try:
+                user = conninfo_to_dict(conninfo).get("application_name")
+            except Exception:
+                # The user's own malformed conninfo: psycopg's connect raises its own error
+                # for it (no internal error of ours, and no text of a DSN in our log).
+                return kwargs
+        user = user or os.environ.get("PGAPPNAME")
         new = dict(kwargs)
         new["application_name"] = tagging.application_name(user and str(user), config.service)
         return new
@@ -136,20 +158,32 @@ class PsycopgIntegration(Integration):
         _, pid, name = connection_meta(conn)
         self.tracker.connected(pid, conn)
         # Look through other instrumentations' wrappers to the code that asked.
-        while caller.f_back is not None and str(caller.f_globals.get("__name__")).startswith(
-            WRAPPER_MODULES
+        while caller.f_back is not None and _within(
+            caller.f_globals.get("__name__"), WRAPPER_MODULES
         ):
             caller = caller.f_back
-        module = caller.f_globals.get("__name__", "")
-        if isinstance(module, str) and module.startswith(POOL_MODULES):
+        module = caller.f_globals.get("__name__")
+        if _within(module, POOL_MODULES):
             telemetry = self.tracker.telemetry
-            if module.startswith("psycopg_pool") and telemetry is not None and telemetry.metrics_on:
+            if (
+                _within(module, ("psycopg_pool",))
+                and telemetry is not None
+                and telemetry.metrics_on
+            ):
                 # Only the pool's own frame knows which pool this connection is for.
                 pool = caller.f_locals.get("self")
                 telemetry.created(getattr(pool, "name", None), monotonic() - started)
             return  # a pool's connection: its integration tracks each checkout instead
         rec = self.tracker.begin(conn, "psycopg", backend_pid=pid, application_name=name, skip=2)
         conn.__dict__[CHECKOUT_ATTR] = rec
+
+
+def _busy(conn: Any) -> None:
+    # Before every operation: a statement is running, so the transaction is not idle however
+    # long it takes (the watchdog skips ACTIVE; _touch sets the real status and time after).
+    rec = conn.__dict__.get(CHECKOUT_ATTR)
+    if rec is not None:
+        rec.tx_status = TX_ACTIVE
 
 
 def _touch(conn: Any) -> None:

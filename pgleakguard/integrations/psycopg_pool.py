@@ -90,7 +90,7 @@ class PsycopgPoolIntegration(Integration):
             attrs = conn.__dict__
             conn_id, pid, name = attrs.get(META_ATTR) or connection_meta(conn)
             attrs[CHECKOUT_ATTR] = tracker.begin(
-                conn, INTEGRATION, pool.name, pid, name, conn_id, 2
+                conn, INTEGRATION, pool.name, pid, name, conn_id, 2, id(pool)
             )
         except Exception as exc:
             record_internal_error(exc)
@@ -110,8 +110,8 @@ class PsycopgPoolIntegration(Integration):
             if telemetry is not None and telemetry.metrics_on:
                 telemetry.waited(pool.name, monotonic() - started, timed_out=True)
 
-            def ours(rec: Checkout) -> bool:
-                return rec.integration == INTEGRATION and rec.pool == pool.name
+            def ours(rec: Checkout) -> bool:  # this pool's, not another of the same name
+                return rec.integration == INTEGRATION and rec.pool_id == id(pool)
 
             holders = [r for r in self.tracker.registry.snapshot() if ours(r) and not r.closed]
             lost = [r for r in list(self.tracker.collected) if ours(r)]

@@ -8,7 +8,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Any, Callable
 
 import psycopg
 import pytest
@@ -22,7 +22,7 @@ from pgleakguard import CallSite
 
 from . import helpers, views
 from .helpers import close_from_here, database_settings, wsgi_get
-from conftest import EventLog, marked_line
+from conftest import EventLog, marked_line, wait_until
 
 VIEWS = views.__file__
 HELPERS = helpers.__file__
@@ -59,6 +59,31 @@ def test_request_that_leaves_an_atomic_block_open_is_scope_ended(
     assert client.get("/count/").status_code == 200  # the next request is fine again
     pgleakguard.check()
     assert [e.kind for e in events.leaks()] == ["scope_ended"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_scope_ended_is_delivered_off_the_request_thread_with_its_activity_row(
+    client: Client, install: Callable[..., EventLog], pg_dsn: str
+) -> None:
+    gate = threading.Event()
+    seen: list[tuple[str, Any]] = []
+
+    def slow(event: Any) -> None:  # a callback slower than any request
+        seen.append((threading.current_thread().name, event))
+        gate.wait(10)
+
+    install(leak_threshold=60, idle_in_transaction_threshold=60, on_leak=slow, activity_dsn=pg_dsn)
+    try:
+        assert client.get("/atomic-leak/").status_code == 200  # without waiting for it
+        assert not gate.is_set()
+        wait_until(lambda: seen)
+    finally:
+        gate.set()
+    [(thread, event)] = seen
+    assert (thread, event.kind) == ("pgleakguard-on-leak", "scope_ended")
+    # the delivery thread added the server's view of the connection the request left behind
+    assert event.details["pg_stat_activity"]["state"] == "idle in transaction"
+    views.LEAKED.pop().__exit__(None, None, None)
 
 
 @pytest.mark.django_db(transaction=True)

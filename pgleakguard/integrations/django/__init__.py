@@ -406,7 +406,7 @@ class DjangoIntegration(Integration):
             scope = _request.get()
             _request.set(None)
             if scope is not None and self._check(scope):
-                self.tracker.flush()
+                self.tracker.hand_over()
             self._park_thread_connections()
 
     def _check(self, scope: RequestScope) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import logging
 import weakref
+from collections import OrderedDict
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -45,6 +46,8 @@ POOL_NAME = "db.client.connection.pool.name"
 STATE = "db.client.connection.state"
 #: The pool name of a checkout begun before OpenTelemetry was attached (no name was read).
 UNNAMED = "unnamed"
+#: How many ended, already reported checkouts are remembered for their leak spans.
+ENDED_KEPT = 1000
 
 #: Histogram buckets (seconds) for connection create and wait times: the semantic
 #: conventions' advice for database client durations (db.client.operation.duration; the
@@ -117,6 +120,10 @@ class Telemetry:
         self._tracer: Any = None
         self._pools: dict[str, tuple[weakref.ref[Any], PoolStats]] = {}
         self._attrs: dict[str, dict[str, str]] = {}
+        #: Checkouts that ended after a leak of theirs was found but before the sinks saw it
+        #: (a request's scope_ended is delivered after Django closed the connection): the
+        #: leak span still goes into their trace. Checkout id -> (span context, pool name).
+        self._ended: OrderedDict[int, tuple[SpanContext | None, str]] = OrderedDict()
         try:
             self.refresh()
         except Exception as exc:  # install() goes on; the watchdog tries again
@@ -274,7 +281,14 @@ class Telemetry:
             self.use_time.record(used, self.attrs(self.pool_of(rec)))
         if state is not None:
             span, state.checkout_span = state.checkout_span, None
-            state.parent = None
+            parent, state.parent = state.parent, None
+            if rec.reported and self.traces_on:
+                self._ended[rec.id] = (
+                    span.get_span_context() if span is not None else parent,
+                    self.pool_of(rec),
+                )
+                while len(self._ended) > ENDED_KEPT:
+                    self._ended.popitem(last=False)
             if span is not None:
                 span.end()
 
@@ -298,10 +312,13 @@ class Telemetry:
         rec = self._find(event.checkout_id)
         state: CheckoutTelemetry | None = rec.span if rec is not None else None
         checkout_span = state.checkout_span if state is not None else None
+        ended = self._ended.pop(event.checkout_id, None) if rec is None else None
         if checkout_span is not None:
             parent: SpanContext | None = checkout_span.get_span_context()
         elif state is not None and state.parent is not None:
             parent = state.parent
+        elif ended is not None:
+            parent = ended[0]
         elif event.trace_id and event.span_id:  # the checkout is gone: its flags are unknown
             parent = SpanContext(
                 int(event.trace_id, 16),
@@ -314,6 +331,8 @@ class Telemetry:
         attributes = leak_attributes(event)
         if rec is not None:
             attributes[POOL_NAME] = self.pool_of(rec)
+        elif ended is not None:
+            attributes[POOL_NAME] = ended[1]
         if parent is not None and parent.trace_flags.sampled:
             # In the request's trace: sampled as the request was, found from the request.
             context = trace.set_span_in_context(NonRecordingSpan(parent))

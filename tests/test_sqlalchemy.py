@@ -155,6 +155,22 @@ def test_session_left_open_in_a_transaction(
     assert returned.kinds == ("idle_in_transaction",)
 
 
+@pytest.mark.parametrize("driver", [PSYCOPG, "psycopg2"])
+def test_a_long_statement_in_a_session_is_not_idle_but_the_idle_after_it_is(
+    driver: str, make_engine: Callable[..., Engine], install: Callable[..., EventLog]
+) -> None:
+    events = install(leak_threshold=60, idle_in_transaction_threshold=0.3)
+    session = Session(make_engine(driver))
+    session.execute(text("SELECT 1"))  # leak: sa-long-statement
+    session.execute(text("SELECT pg_sleep(1.5)"))  # five thresholds long, but running
+    pgleakguard.check()  # deliver whatever the watchdog found while the statement ran
+    assert events.leaks() == []
+    [event] = events.wait_for("idle_in_transaction")  # the idle after it is reported
+    assert event.callsite.line == marked_line(HERE, "sa-long-statement")
+    assert event.age >= 1.8 and 0.3 <= event.idle < event.age - 1.5
+    session.close()
+
+
 async def test_async_session_idle_in_transaction_with_asyncpg(
     make_async_engine: Callable[..., AsyncEngine], install: Callable[..., EventLog]
 ) -> None:

@@ -36,11 +36,11 @@ def _copy_progress(dsn: str, pid: int) -> int:
 
 def _states_now(dsn: str) -> list[list[str]]:
     """The client sessions by state, as watch's table shows them (states nobody is in left out).
-    Watch's own session was active; the session reading this is active too."""
+    Watch leaves its own session out; this reading leaves out its own."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         rows = conn.execute(
             "SELECT state, count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
-            "GROUP BY state"
+            "AND pid <> pg_backend_pid() GROUP BY state"
         ).fetchall()
     counts = dict(rows)
     return [[state, str(counts[state])] for state in STATES if counts.get(state)]

@@ -22,11 +22,25 @@ from time import monotonic
 from typing import Any, Callable
 
 from .. import tagging
-from .._safety import guard, logger, record_internal_error
+from .._safety import (
+    guard,
+    is_operational,
+    logger,
+    record_internal_error,
+    record_operational_error,
+)
 from ..callsite import CallSite, callsite_of
 from ..drivers import application_name_of, backend_pid, transaction_status
 from ..drivers import driver_connection as _driver
-from ..tracker import CHECKOUT_ATTR, TX_IDLE, TX_INERROR, TX_INTRANS, Checkout, describe_holders
+from ..tracker import (
+    CHECKOUT_ATTR,
+    TX_ACTIVE,
+    TX_IDLE,
+    TX_INERROR,
+    TX_INTRANS,
+    Checkout,
+    describe_holders,
+)
 from . import DidNotEnable, Integration
 
 try:
@@ -334,7 +348,11 @@ class SQLAlchemyIntegration(Integration):
                 self.tracker.end(rec)
                 raise
             except Exception as error:
-                record_internal_error(error)
+                # The server refusing our SET is not a bug of ours (one warning line).
+                if is_operational(error):
+                    record_operational_error("retag_on_checkout SET application_name", error)
+                else:
+                    record_internal_error(error)
 
     def _on_checkin(self, dbapi_connection: Any, connection_record: Any) -> None:
         try:
@@ -384,11 +402,17 @@ class SQLAlchemyIntegration(Integration):
         # without it.
         self._listen(engine, "commit", self._on_end_transaction)
         self._listen(engine, "rollback", self._on_end_transaction)
+        self._listen(engine, "before_cursor_execute", self._on_statement)
         self._listen(engine, "after_cursor_execute", self._on_execute)
         self._listen(engine, "handle_error", self._on_error)
 
     # Each listener is guarded on its own: an error of ours never reaches SQLAlchemy, which
     # would raise it instead of the statement's result (or of the user's own exception).
+
+    def _on_statement(self, conn: Any, *_: Any) -> None:
+        # A statement runs: however long it takes, the transaction is not idle.
+        with guard():
+            _follow(conn, TX_ACTIVE)
 
     def _on_execute(self, conn: Any, *_: Any) -> None:
         with guard():

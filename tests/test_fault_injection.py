@@ -59,7 +59,7 @@ FAULTS = [
     ("pool timeout culprits", pool_hooks, "describe_holders"),
     ("pool metrics", pool_hooks, "pool_stats"),
     ("SQLAlchemy connect: tag", tagging, "application_name"),
-    ("SQLAlchemy engine_connect", sa_hooks, "pool_name"),
+    ("SQLAlchemy first connection: pool name", sa_hooks, "pool_name"),
     ("SQLAlchemy timeout culprits", sa_hooks, "describe_holders"),
     ("SQLAlchemy comments", tagging, "sql_comment"),
     ("OpenTelemetry checkout", Telemetry, "checked_out"),

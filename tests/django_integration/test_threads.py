@@ -212,22 +212,27 @@ print("parked:", len(pgleakguard.open_checkouts()))
 """
 
 
-def test_worker_that_stops_with_its_persistent_connections_reports_nothing(
-    tmp_path: Path,
-) -> None:
+def _run_django_script(script: Path, source: str) -> subprocess.CompletedProcess[str]:
+    """Write ``source`` (with the test database's settings filled in) to ``script`` and run it
+    in a Python process of its own."""
     db = connections["default"].settings_dict
-    script = tmp_path / "recycled_worker.py"
     script.write_text(
-        _RECYCLED_WORKER_SCRIPT
-        % {"name": db["NAME"], "user": db["USER"], "host": db["HOST"], "port": db["PORT"]}
+        source % {"name": db["NAME"], "user": db["USER"], "host": db["HOST"], "port": db["PORT"]}
     )
-    proc = subprocess.run(
+    return subprocess.run(
         [sys.executable, str(script)],
         env=dict(os.environ, PYTHONPATH=str(Path(pgleakguard.__file__).parent.parent)),
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_worker_that_stops_with_its_persistent_connections_reports_nothing(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "recycled_worker.py"
+    proc = _run_django_script(script, _RECYCLED_WORKER_SCRIPT)
     assert proc.returncode == 0, proc.stderr
     assert (proc.stdout, proc.stderr) == ("parked: 1\n", "")
 
@@ -259,19 +264,8 @@ while len(__import__("pgleakguard").open_checkouts()) < 2:
 def test_worker_connection_open_at_exit_is_never_closed_but_the_main_threads_is_not(
     tmp_path: Path,
 ) -> None:
-    db = connections["default"].settings_dict
     script = tmp_path / "exit_with_connections.py"
-    script.write_text(
-        _EXIT_SCRIPT
-        % {"name": db["NAME"], "user": db["USER"], "host": db["HOST"], "port": db["PORT"]}
-    )
-    proc = subprocess.run(
-        [sys.executable, str(script)],
-        env=dict(os.environ, PYTHONPATH=str(Path(pgleakguard.__file__).parent.parent)),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = _run_django_script(script, _EXIT_SCRIPT)
     assert proc.returncode == 0, proc.stderr
     line = marked_line(str(script), "dj-exit")
     assert proc.stderr.count("pgleakguard: connection leak") == 1, proc.stderr

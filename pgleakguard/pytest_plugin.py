@@ -251,10 +251,10 @@ class LeakGuard:
         added since: OpenTelemetry's is added once an SDK is configured)."""
         if state is not self._gated:
             self._gated, self._reported = state, set()
-        sinks = state.dispatcher.sinks
-        for i, sink in enumerate(sinks):
-            if not isinstance(sink, _Once):
-                sinks[i] = _Once(sink, self._reported)
+        for sinks in _sink_lists(state):
+            for i, sink in enumerate(sinks):
+                if not isinstance(sink, _Once):
+                    sinks[i] = _Once(sink, self._reported)
 
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         self._unwatch()
@@ -265,8 +265,8 @@ class LeakGuard:
                 _runtime.uninstall()  # its last events still pass the gates
         gated, self._gated = self._gated, None
         if gated is not None:  # an installation the suite made lives on without our gates
-            sinks = gated.dispatcher.sinks
-            sinks[:] = [s.sink if isinstance(s, _Once) else s for s in sinks]
+            for sinks in _sink_lists(gated):
+                sinks[:] = [s.sink if isinstance(s, _Once) else s for s in sinks]
         if self.server is not None:
             self.server.close()
             if self._saved_appname is None:
@@ -512,6 +512,13 @@ class LeakGuard:
         os.environ["PGAPPNAME"] = application_name(
             self._saved_appname, os.environ.get("PGLEAKGUARD_SERVICE") or SERVICE
         )
+
+
+def _sink_lists(state: Installed) -> list[list[Callable[[Event], None]]]:
+    """The installation's lists of sinks: its dispatcher's, and the on_leak callback's where
+    that has a dispatcher of its own."""
+    dispatchers = [state.dispatcher, getattr(state, "callbacks", None)]
+    return [d.sinks for d in dispatchers if d is not None]
 
 
 class _Once:

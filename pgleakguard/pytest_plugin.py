@@ -18,7 +18,6 @@ in a test; then it installs pgleakguard, unless the suite already did, and check
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import gc
 import json
@@ -59,8 +58,6 @@ REPORT_ATTR = "pgleakguard_leaks"
 REACH_LIMIT = 10_000
 
 _SCOPES = ("class", "module", "package", "session")  # narrowest first
-
-_records_key = pytest.StashKey[list[dict[str, Any]]]()
 
 
 def _mode_option(value: str) -> str:
@@ -134,17 +131,20 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(LeakGuard(config, mode), "pgleakguard-checks")
 
 
-@dataclasses.dataclass(eq=False)
 class _Fixture:
-    """One set-up instance of a class-, module-, package- or session-scoped fixture."""
+    """One set-up instance of a class-, module-, package- or session-scoped fixture (a plain
+    class: a dataclass would cost every pytest run a few milliseconds at import)."""
 
-    name: str
-    scope: str
-    #: The collection node of its scope: a pgleakguard marker there allows its leaks.
-    node: Any
-    #: Its value (None if its setup failed): a connection held through it is the fixture's.
-    value: Any
-    checkouts: list[Checkout] = dataclasses.field(default_factory=list)
+    __slots__ = ("checkouts", "name", "node", "scope", "value")
+
+    def __init__(self, name: str, scope: str, node: Any, value: Any) -> None:
+        self.name = name
+        self.scope = scope
+        #: The collection node of its scope: a pgleakguard marker there allows its leaks.
+        self.node = node
+        #: Its value (None if its setup failed): a connection held through it is the fixture's.
+        self.value = value
+        self.checkouts: list[Checkout] = []
 
     @property
     def owner(self) -> str:
@@ -177,6 +177,8 @@ class LeakGuard:
         self.finalized: list[_Fixture] = []
         #: Function-scoped fixtures of the running test: checkout id -> fixture name.
         self.taken_in: dict[int, str] = {}
+        #: Leaks found in a test's teardown, until its teardown report carries them.
+        self._found: dict[str, list[dict[str, Any]]] = {}
         #: Every leak seen in this session (from the reports, so xdist workers' too).
         self.results: list[dict[str, Any]] = []
         #: Checkout ids this plugin reported, for the installation it saw (``_Once``).
@@ -284,8 +286,9 @@ class LeakGuard:
 
     # -- windows: which test or fixture took each checkout ----------------------------------
 
-    @pytest.hookimpl(wrapper=True, tryfirst=True)
-    def pytest_runtest_setup(self, item: pytest.Item) -> Any:
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        # Before the test's fixtures are set up: its window is open while they are.
         self.taken_in = {}
         self.window = None
         self.item = item
@@ -298,37 +301,39 @@ class LeakGuard:
                 self.server.start()
         except Exception as exc:
             _internal_error(exc)
-        result = yield
         _allowed(item)  # a malformed marker fails the test here, leak or not
-        return result
 
     @pytest.hookimpl(wrapper=True)
     def pytest_fixture_setup(self, fixturedef: Any, request: Any) -> Any:
         window = self.window
-        before = window.tracker.mark() if window is not None else None
+        before: int = window.tracker.mark() if window is not None else -1  # -1: no window yet
         value = None
         try:
             value = yield
             return value
         finally:
-            try:
-                self._fixture_set_up(fixturedef, request, value, before)
-            except Exception as exc:
-                _internal_error(exc)
+            # Most fixtures are function-scoped and take no connection (no id was taken
+            # between the two marks): nothing to record for them.
+            now = self.window
+            if fixturedef.scope != "function" or (
+                now is not None and (now is not window or now.tracker.mark() != before + 1)
+            ):
+                try:
+                    self._fixture_set_up(fixturedef, request, value, before)
+                except Exception as exc:
+                    _internal_error(exc)
 
-    def _fixture_set_up(
-        self, fixturedef: Any, request: Any, value: Any, before: int | None
-    ) -> None:
-        scope = str(getattr(fixturedef, "scope", "function"))
+    def _fixture_set_up(self, fixturedef: Any, request: Any, value: Any, before: int) -> None:
+        scope = str(fixturedef.scope)
         fixture = None
         if scope != "function":
             fixture = self.wide[fixturedef] = _Fixture(
                 fixturedef.argname, scope, request.node, value
             )
-        window = self.window  # may have begun inside this fixture (its import of a library)
+        window = self.window
         if window is None:
             return
-        if before is None:
+        if before < 0:  # the window began inside this fixture (its import of a library)
             before = window.start
         after = window.tracker.mark()
         if after == before + 1:
@@ -363,14 +368,14 @@ class LeakGuard:
         if self.window is None:
             self.finalized = []  # nothing tracked: pgleakguard is not installed
             return
-        from ._safety import guard
-
-        records: list[dict[str, Any]] = []
-        with guard():
+        try:
             records = self._find(item)
+        except Exception as exc:
+            _internal_error(exc)
+            return
         if not records:
             return
-        item.stash[_records_key] = records
+        self._found[item.nodeid] = records
         counted = [r for r in records if r["allowed"] is None]
         if fail and counted:
             pytest.fail(_failure_text(counted, self.rootdir), pytrace=False)
@@ -384,7 +389,9 @@ class LeakGuard:
         tracker = window.tracker
         taken = window.taken()
         records = []
-        if taken or finalized:
+        # A clean test took nothing still open; most finalized fixtures took nothing either
+        # (pytest-django's class-scoped autouse fixture is finalized after every test).
+        if taken or any(f.checkouts for f in finalized):
             records = self._classify(item, tracker, taken, finalized)
         if self.server is not None:
             held = {r["backend_pid"] for r in records}
@@ -453,16 +460,12 @@ class LeakGuard:
         candidates = [n for name in names for n in (name, f"{name}:{site.line}")]
         return any(fnmatch.fnmatch(c, p) for p in self.ignore for c in candidates)
 
-    @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
-        report = yield
-        if call.when == "teardown":
-            records = item.stash.get(_records_key, None)
-            if records:
-                setattr(report, REPORT_ATTR, records)
-        return report
-
+    @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        # Before the other logreport hooks: under xdist, a worker's sends the report, with
+        # this attribute, to the controller, whose LeakGuard reads it here.
+        if report.when == "teardown" and report.nodeid in self._found:
+            setattr(report, REPORT_ATTR, self._found.pop(report.nodeid))
         records = getattr(report, REPORT_ATTR, None)
         if records:
             self.results.extend(records)

@@ -171,6 +171,7 @@ class LeakGuard:
         self.installed: Installed | None = None  # the installation this plugin made, if any
         self.item: pytest.Item | None = None  # the running test, setup to teardown
         self.window: Window | None = None  # the running test's
+        self._scopes: dict[Any, str] = {}  # fixture definition -> its scope
         #: Wider-scoped fixtures set up and not finalized yet.
         self.wide: dict[Any, _Fixture] = {}
         #: Those finalized since the last check.
@@ -315,7 +316,7 @@ class LeakGuard:
             # Most fixtures are function-scoped and take no connection (no id was taken
             # between the two marks): nothing to record for them.
             now = self.window
-            if fixturedef.scope != "function" or (
+            if self._scope(fixturedef) != "function" or (
                 now is not None and (now is not window or now.tracker.mark() != before + 1)
             ):
                 try:
@@ -323,8 +324,16 @@ class LeakGuard:
                 except Exception as exc:
                     _internal_error(exc)
 
+    def _scope(self, fixturedef: Any) -> str:
+        # FixtureDef.scope reads an enum member's value: slow enough to matter when every
+        # test sets up ten fixtures. A fixture definition's scope never changes.
+        scope = self._scopes.get(fixturedef)
+        if scope is None:
+            scope = self._scopes[fixturedef] = str(fixturedef.scope)
+        return scope
+
     def _fixture_set_up(self, fixturedef: Any, request: Any, value: Any, before: int) -> None:
-        scope = str(fixturedef.scope)
+        scope = self._scope(fixturedef)
         fixture = None
         if scope != "function":
             fixture = self.wide[fixturedef] = _Fixture(

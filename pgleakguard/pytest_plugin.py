@@ -307,17 +307,19 @@ class LeakGuard:
     @pytest.hookimpl(wrapper=True)
     def pytest_fixture_setup(self, fixturedef: Any, request: Any) -> Any:
         window = self.window
-        before: int = window.tracker.mark() if window is not None else -1  # -1: no window yet
+        tracker: Any = window.tracker if window is not None else None
+        before: int = tracker.mark() if tracker is not None else -1  # -1: no window yet
         value = None
         try:
             value = yield
             return value
         finally:
-            # Most fixtures are function-scoped and take no connection (no id was taken
-            # between the two marks): nothing to record for them.
+            # Quickly done with the common case (every test sets up several): a fixture known
+            # to be function-scoped that took no connection (no id taken between two marks).
             now = self.window
-            if self._scope(fixturedef) != "function" or (
-                now is not None and (now is not window or now.tracker.mark() != before + 1)
+            if not (
+                self._scopes.get(fixturedef) == "function"
+                and (now is None or (now is window and tracker.mark() == before + 1))
             ):
                 try:
                     self._fixture_set_up(fixturedef, request, value, before)
@@ -339,6 +341,9 @@ class LeakGuard:
             fixture = self.wide[fixturedef] = _Fixture(
                 fixturedef.argname, scope, request.node, value
             )
+            # Told of its finalization by a finalizer of its own (a pytest_fixture_post_finalizer
+            # hook would be called for every fixture of every test).
+            request.addfinalizer(lambda: self._fixture_finalized(fixturedef))
         window = self.window
         if window is None:
             return
@@ -354,7 +359,7 @@ class LeakGuard:
             fixture.checkouts += recs
             window.excluded.update(r.id for r in recs)
 
-    def pytest_fixture_post_finalizer(self, fixturedef: Any, request: Any) -> None:
+    def _fixture_finalized(self, fixturedef: Any) -> None:
         fixture = self.wide.pop(fixturedef, None)
         if fixture is not None:  # checked at the next check, and may still adopt checkouts
             self.finalized.append(fixture)

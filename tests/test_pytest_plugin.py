@@ -518,6 +518,67 @@ def test_function_fixture_leak_is_the_tests_and_names_the_fixture(inner: Inner) 
     assert leak["callsite"] == site(path, "fixture", "conn")
 
 
+NESTED_SETUPS = """
+import psycopg
+import pytest
+
+from conftest import DSN, KEPT
+
+
+@pytest.fixture(scope="module")
+def shared():
+    conn = psycopg.connect(DSN, autocommit=True)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture(scope="module")
+def other():
+    conn = psycopg.connect(DSN, autocommit=True)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def mine(request):
+    request.getfixturevalue("shared")  # set up from inside this fixture
+    KEPT.append(psycopg.connect(DSN))  # leak: mine
+
+
+def test_a_fixture_requests_a_wider_one(mine):
+    pass
+
+
+def test_the_test_requests_a_wider_one(request):
+    request.getfixturevalue("other")  # set up from inside the test's call
+    KEPT.append(psycopg.connect(DSN))  # leak: body
+"""
+
+
+def test_a_fixture_set_up_from_inside_another_or_the_test_owns_only_its_own(
+    inner: Inner,
+) -> None:
+    path = inner.write("test_nested", NESTED_SETUPS)
+    result = inner.run()
+    result.assert_outcomes(passed=2, errors=2)
+    leaks = {leak["test"].split("::")[1]: leak for leak in inner.leaks()}
+    # The module fixtures' connections (closed at the module's end) are nobody's leak; what
+    # the requester took after them is the test's.
+    assert sorted(leaks) == [
+        "test_a_fixture_requests_a_wider_one",
+        "test_the_test_requests_a_wider_one",
+    ]
+    by_fixture = leaks["test_a_fixture_requests_a_wider_one"]
+    assert (by_fixture["owner"], by_fixture["fixture"]) == (
+        "test test_nested.py::test_a_fixture_requests_a_wider_one",
+        "mine",
+    )
+    assert by_fixture["callsite"] == site(path, "mine", "mine")
+    in_body = leaks["test_the_test_requests_a_wider_one"]
+    assert in_body["fixture"] is None
+    assert in_body["callsite"] == site(path, "body", "test_the_test_requests_a_wider_one")
+
+
 HELD_THROUGH_FIXTURES = """
 import pytest
 import sqlalchemy as sa

@@ -283,15 +283,6 @@ def main() -> int:
         run(clean, off, dsn, args.heap)  # warm the file cache
         print(machine())
         print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-        print(
-            f"{n} tests per suite, {args.heap:,} objects on the heap, {args.pairs} ABBA pairs "
-            f"per row ({max(3, args.pairs // 3)} for the all-leak rows), each sample a whole "
-            "pytest run in a new process; verdict on the CPU ratio\n"
-        )
-        print(
-            f"{'suite (whole pytest runs)':<50} {'bare CPU':>8}  {'CPU ratio, IQR':<20}  "
-            f"{'wall ratio, IQR':<20}  {'per test':>9}  {'gc calls/run':>12}  {'target':>8}"
-        )
         no_gc = ["--pgleakguard-no-gc"]
         warn = ["--pgleakguard=warn"]
         rows = [
@@ -310,6 +301,7 @@ def main() -> int:
             (f"{n} tests, all leak (garbage), warn, no gc", leaky, [*warn, *no_gc], None),
         ]
         if args.callgrind:
+            print(f"{n} tests per suite, {args.heap:,} objects on the heap\n")
             print(f"{'suite (one pytest run per side)':<50} {'bare':>14} {'plugin on':>14}  ratio")
             for name, where, b_side, _ in rows:
                 if b_side is off:
@@ -320,6 +312,15 @@ def main() -> int:
                 instr = instructions(where, b_side, dsn, args.heap)
                 print(f"{name:<50} {bare:>14,} {instr:>14,}  {instr / bare:.4f}x", flush=True)
             return 0
+        print(
+            f"{n} tests per suite, {args.heap:,} objects on the heap, {args.pairs} ABBA pairs "
+            f"per row ({max(3, args.pairs // 3)} for the all-leak rows), each sample a whole "
+            "pytest run in a new process; verdict on the CPU ratio\n"
+        )
+        print(
+            f"{'suite (whole pytest runs)':<50} {'bare CPU':>8}  {'CPU ratio, IQR':<20}  "
+            f"{'wall ratio, IQR':<20}  {'per test':>9}  {'gc calls/run':>12}  {'target':>8}"
+        )
         for name, where, b_side, target in rows:
             count = args.pairs if where is not leaky else max(3, args.pairs // 3)
             measured = pairs(where, off, b_side, dsn, count, args.heap)

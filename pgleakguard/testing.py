@@ -1,7 +1,8 @@
 """Leak checks for test suites: which connections a block of code took and did not give back.
 
-The pytest plugin runs one :class:`Window` per test (and per fixture of a wider scope);
-:func:`assert_no_leaks` is the same check for any block of code::
+The pytest plugin runs one :class:`Window` per test (the checkouts of wider-scoped fixtures
+are excluded from it and checked when the fixture is finalized); :func:`assert_no_leaks` is
+the same check for any block of code::
 
     with pgleakguard.testing.assert_no_leaks():
         export_report()

@@ -10,6 +10,9 @@ import gc
 import json
 import logging
 import os
+import re
+import subprocess
+import sys
 import textwrap
 import warnings
 from pathlib import Path
@@ -115,6 +118,11 @@ class Inner:
         document = json.loads(self.report.read_text())
         assert document["version"] == 1
         return list(document["leaks"])
+
+
+def literal(text: str) -> str:
+    """``text`` as an fnmatch pattern that matches only itself (``[2]`` is a character set)."""
+    return re.sub(r"([\[\]*?])", r"[\1]", text)
 
 
 def site(path: Path, name: str, function: str) -> str:
@@ -290,9 +298,62 @@ def test_the_same_tests_written_correctly_pass(inner: Inner) -> None:
     result.stdout.fnmatch_lines(["pgleakguard: mode fail, gc on"])
 
 
+HELD = (
+    FIXTURES
+    + """
+from conftest import KEPT
+
+
+def test_raw(dsn):
+    KEPT.append(psycopg.connect(dsn))  # leak: raw
+
+
+def test_pool(pool):
+    KEPT.append(pool.getconn())  # leak: pool
+
+
+def test_sqlalchemy(engine):
+    KEPT.append(engine.connect())  # leak: sqlalchemy
+
+
+def test_orm_session(engine):
+    session = Session(engine)
+    session.execute(sa.text("SELECT 1"))  # leak: session
+    KEPT.append(session)
+
+
+def test_last():
+    pass  # the module's fixtures are finalized here: nothing of theirs is left open
+"""
+)
+
+
+def test_each_kind_of_connection_still_held_is_scope_ended_at_its_own_line(inner: Inner) -> None:
+    path = inner.write("test_held", HELD)
+    result = inner.run()
+    result.assert_outcomes(passed=5, errors=4)
+    leaks = {leak["test"].split("::")[1]: leak for leak in inner.leaks()}
+    expected = {
+        "test_raw": ("raw", "psycopg", None),
+        "test_pool": ("pool", "psycopg_pool", None),
+        "test_sqlalchemy": ("sqlalchemy", "sqlalchemy", None),
+        "test_orm_session": ("session", "sqlalchemy", "INTRANS"),
+    }
+    assert sorted(leaks) == sorted(expected)
+    for test, (mark, integration, transaction) in expected.items():
+        leak = leaks[test]
+        assert leak["kind"] == "scope_ended", leak["report"]
+        assert leak["callsite"] == site(path, mark, test)
+        assert leak["event"]["integration"] == integration
+        assert leak["owner"] == f"test test_held.py::{test}"
+        if transaction:
+            assert leak["event"]["transaction_status"] == transaction
+    result.stdout.fnmatch_lines(["4 test(s) leaked 4 PostgreSQL connection(s):"])
+
+
 # -- what belongs to whom ---------------------------------------------------------------------
 
-WIDE_FIXTURE = """
+SHARED_FIXTURE = """
 import psycopg
 import pytest
 
@@ -304,37 +365,106 @@ def shared():
     conn = psycopg.connect(DSN, autocommit=True)  # leak: shared
     yield conn
     # never closed: the fixture's own leak
+"""
+
+USES_SHARED = """
+import pytest
 
 
-class TestShared:
-    @pytest.mark.parametrize("n", range(20))
+class {cls}:
+    @pytest.mark.parametrize("n", range(3))
     def test_uses_shared(self, shared, n):
         assert shared.execute("SELECT %s::int", [n]).fetchone() == (n,)
 """
 
+NOT_SHARED = """
+import pytest
 
-@pytest.mark.parametrize("scope", ["class", "module", "package", "session"])
+
+class {cls}:
+    @pytest.mark.parametrize("n", range(3))
+    def test_other(self, dsn, n):
+        pass
+"""
+
+# Per scope: (files, the test whose teardown finalizes the fixture, the fixture's file).
+# The first group of tests uses the fixture and the next one does not: the leak lands at
+# the first group's last test (the whole session's last test for session scope).
+WIDE_LAYOUTS: dict[str, tuple[dict[str, str], str, str]] = {
+    "class": (
+        {
+            "test_groups.py": SHARED_FIXTURE
+            + USES_SHARED.replace("{cls}", "TestFirst")
+            + NOT_SHARED.replace("{cls}", "TestNext"),
+        },
+        "test_groups.py::TestFirst::test_uses_shared[2]",
+        "test_groups.py",
+    ),
+    "module": (
+        {
+            "test_a.py": SHARED_FIXTURE + USES_SHARED.replace("{cls}", "TestFirst"),
+            "test_b.py": NOT_SHARED.replace("{cls}", "TestNext"),
+        },
+        "test_a.py::TestFirst::test_uses_shared[2]",
+        "test_a.py",
+    ),
+    "package": (
+        {
+            "pkg_a/__init__.py": "",
+            "pkg_a/conftest.py": SHARED_FIXTURE,
+            "pkg_a/test_a.py": USES_SHARED.replace("{cls}", "TestFirst"),
+            "pkg_b/__init__.py": "",
+            "pkg_b/test_b.py": NOT_SHARED.replace("{cls}", "TestNext"),
+        },
+        "pkg_a/test_a.py::TestFirst::test_uses_shared[2]",
+        "pkg_a/conftest.py",
+    ),
+    "session": (
+        {
+            "test_a.py": SHARED_FIXTURE + USES_SHARED.replace("{cls}", "TestFirst"),
+            "test_b.py": NOT_SHARED.replace("{cls}", "TestNext"),
+        },
+        "test_b.py::TestNext::test_other[2]",
+        "test_a.py",
+    ),
+}
+
+
+@pytest.mark.parametrize("scope", list(WIDE_LAYOUTS))
 def test_wider_fixture_connection_is_the_fixtures_reported_once_at_its_finalization(
     inner: Inner, scope: str
 ) -> None:
-    path = inner.write("test_shared", WIDE_FIXTURE.replace("{scope}", scope))
+    files, finalizing, fixture_file = WIDE_LAYOUTS[scope]
+    for name, source in files.items():
+        path = inner.pytester.path / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(textwrap.dedent(source.replace("{scope}", scope)))
     result = inner.run()
-    # 20 tests pass; the fixture's leak errors once, in the teardown that finalizes it.
-    result.assert_outcomes(passed=20, errors=1)
+    # 6 tests pass; the fixture's leak errors once, in the teardown that finalizes it.
+    result.assert_outcomes(passed=6, errors=1)
     [leak] = inner.leaks()
-    assert leak["test"] == "test_shared.py::TestShared::test_uses_shared[19]"
+    assert leak["test"] == finalizing
     assert leak["owner"] == f"fixture 'shared' ({scope} scope)"
     assert leak["fixture"] == "shared"
     assert leak["kind"] == "scope_ended"
-    assert leak["callsite"] == site(path, "shared", "shared")
+    shared_path = inner.pytester.path / fixture_file
+    assert leak["callsite"] == site(shared_path, "shared", "shared")
+    line = marked_line(str(shared_path), "shared")
     result.stdout.fnmatch_lines(
         [
+            f"*ERROR at teardown of {literal(finalizing.split('::', 1)[1].replace('::', '.'))} *",
+            f"pgleakguard: fixture 'shared' ({scope} scope) leaked at {fixture_file}:{line} "
+            "in shared (scope_ended)",
+            "A fixture's connection is checked when the fixture is finalized, here in this "
+            "test's setup or teardown: the fixture leaked it, not this test.",
             f"*scope=fixture 'shared' ({scope} scope)",
-            "1 test(s) leaked 1 PostgreSQL connection(s):",
-            f"  test_shared.py::TestShared::test_uses_shared[19] [fixture 'shared' ({scope} "
-            f"scope)]: scope_ended at test_shared.py:{marked_line(str(path), 'shared')} in shared",
+            "1 fixture(s) leaked 1 PostgreSQL connection(s):",
+            f"  {finalizing} [fixture 'shared' ({scope} scope)]: scope_ended at "
+            f"{fixture_file}:{line} in shared",
         ]
     )
+    document = json.loads(inner.report.read_text())
+    assert (document["tests_leaking"], document["fixtures_leaking"]) == (0, 1)
 
 
 def test_a_fixture_that_closes_its_connection_leaks_nothing(inner: Inner) -> None:
@@ -388,32 +518,253 @@ def test_function_fixture_leak_is_the_tests_and_names_the_fixture(inner: Inner) 
     assert leak["callsite"] == site(path, "fixture", "conn")
 
 
-def test_connections_that_existed_before_a_test_are_never_blamed_on_it(inner: Inner) -> None:
-    path = inner.write(
-        "test_before",
-        """
-        import psycopg
+NESTED_SETUPS = """
+import psycopg
+import pytest
 
-        from conftest import DSN, KEPT
-
-        KEPT.append(psycopg.connect(DSN))  # opened at import, before any test
+from conftest import DSN, KEPT
 
 
-        def test_first(dsn):
-            KEPT.append(psycopg.connect(dsn))  # leak: first
+@pytest.fixture(scope="module")
+def shared():
+    conn = psycopg.connect(DSN, autocommit=True)
+    yield conn
+    conn.close()
 
 
-        def test_second(dsn):
-            with psycopg.connect(dsn) as conn:
-                conn.execute("SELECT 1")
-        """,
+@pytest.fixture(scope="module")
+def other():
+    conn = psycopg.connect(DSN, autocommit=True)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def mine(request):
+    request.getfixturevalue("shared")  # set up from inside this fixture
+    KEPT.append(psycopg.connect(DSN))  # leak: mine
+
+
+def test_a_fixture_requests_a_wider_one(mine):
+    pass
+
+
+def test_the_test_requests_a_wider_one(request):
+    request.getfixturevalue("other")  # set up from inside the test's call
+    KEPT.append(psycopg.connect(DSN))  # leak: body
+"""
+
+
+def test_a_fixture_set_up_from_inside_another_or_the_test_owns_only_its_own(
+    inner: Inner,
+) -> None:
+    path = inner.write("test_nested", NESTED_SETUPS)
+    result = inner.run()
+    result.assert_outcomes(passed=2, errors=2)
+    leaks = {leak["test"].split("::")[1]: leak for leak in inner.leaks()}
+    # The module fixtures' connections (closed at the module's end) are nobody's leak; what
+    # the requester took after them is the test's.
+    assert sorted(leaks) == [
+        "test_a_fixture_requests_a_wider_one",
+        "test_the_test_requests_a_wider_one",
+    ]
+    by_fixture = leaks["test_a_fixture_requests_a_wider_one"]
+    assert (by_fixture["owner"], by_fixture["fixture"]) == (
+        "test test_nested.py::test_a_fixture_requests_a_wider_one",
+        "mine",
     )
+    assert by_fixture["callsite"] == site(path, "mine", "mine")
+    in_body = leaks["test_the_test_requests_a_wider_one"]
+    assert in_body["fixture"] is None
+    assert in_body["callsite"] == site(path, "body", "test_the_test_requests_a_wider_one")
+
+
+HELD_THROUGH_FIXTURES = """
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from conftest import DSN, KEPT
+
+URL = DSN.replace("postgresql://", "postgresql+psycopg://", 1)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    engine = sa.create_engine(URL)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def session(engine):
+    session = Session(engine)  # no connection yet: its first query takes one
+    yield session
+    session.close()
+
+
+class Repository:
+    def __init__(self, session):
+        self.session = session
+
+
+@pytest.fixture(scope="module")
+def repo(engine):
+    return Repository(Session(engine))  # never closed
+
+
+def test_first_query_through_the_session(session):
+    session.execute(sa.text("SELECT 1"))  # taken here; the transaction stays open
+
+
+def test_own_connection_beside_the_fixtures(session, engine):
+    session.execute(sa.text("SELECT 2"))
+    KEPT.append(engine.connect())  # leak: own
+
+
+def test_through_an_object_of_the_fixture(repo):
+    repo.session.execute(sa.text("SELECT 1"))  # leak: wrapped
+
+
+def test_last(session, repo):
+    pass
+"""
+
+
+def test_a_connection_held_through_a_wider_fixtures_object_is_the_fixtures(
+    inner: Inner,
+) -> None:
+    path = inner.write("test_through", HELD_THROUGH_FIXTURES)
+    result = inner.run()
+    result.assert_outcomes(passed=4, errors=2)
+    leaks = {leak["test"].split("::")[1]: leak for leak in inner.leaks()}
+    # The module-scoped Session's connection, first taken in a test and closed by the
+    # fixture, is nobody's leak; the test's own connection is the test's.
+    assert sorted(leaks) == ["test_last", "test_own_connection_beside_the_fixtures"]
+    own = leaks["test_own_connection_beside_the_fixtures"]
+    assert own["owner"] == "test test_through.py::test_own_connection_beside_the_fixtures"
+    assert own["callsite"] == site(path, "own", "test_own_connection_beside_the_fixtures")
+    # The Session inside the object of fixture 'repo' is never closed: the fixture's leak,
+    # found when 'repo' is finalized, still naming the line that took the connection.
+    wrapped = leaks["test_last"]
+    assert wrapped["owner"] == "fixture 'repo' (module scope)"
+    assert wrapped["kind"] == "scope_ended"
+    assert wrapped["event"]["transaction_status"] == "INTRANS"
+    assert wrapped["callsite"] == site(path, "wrapped", "test_through_an_object_of_the_fixture")
+
+
+FIXTURE_AND_MARKER = """
+import psycopg
+import pytest
+
+from conftest import DSN, KEPT
+
+{module_marker}
+
+
+@pytest.fixture(scope="module")
+def shared():
+    yield psycopg.connect(DSN, autocommit=True)  # leak: shared
+
+
+def test_uses(shared):
+    shared.execute("SELECT 1")
+
+
+@pytest.mark.pgleakguard(allow="this test keeps one")
+def test_last(shared):
+    KEPT.append(psycopg.connect(DSN))  # leak: own
+"""
+
+
+def test_the_marker_of_the_test_that_finalizes_a_fixture_does_not_allow_its_leak(
+    inner: Inner,
+) -> None:
+    path = inner.write("test_marked", FIXTURE_AND_MARKER.replace("{module_marker}", ""))
     result = inner.run()
     result.assert_outcomes(passed=2, errors=1)
+    leaks = {str(leak["owner"]): leak for leak in inner.leaks()}
+    assert leaks["test test_marked.py::test_last"]["allowed"] == "this test keeps one"
+    assert leaks["fixture 'shared' (module scope)"]["allowed"] is None
+    line = marked_line(str(path), "shared")
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_last*",
+            # Only what is not allowed fails the test, and it says whose leak it is.
+            f"pgleakguard: fixture 'shared' (module scope) leaked at test_marked.py:{line} "
+            "in shared (scope_ended)",
+            "1 fixture(s) leaked 1 PostgreSQL connection(s):",
+            f"  test_marked.py::test_last [fixture 'shared' (module scope)]: scope_ended at "
+            f"test_marked.py:{line} in shared",
+            "1 leak(s) allowed by @pytest.mark.pgleakguard:",
+            "  test_marked.py::test_last: scope_ended at test_marked.py:"
+            f"{marked_line(str(path), 'own')} in test_last (this test keeps one)",
+        ]
+    )
+
+
+def test_a_module_marker_allows_the_leaks_of_its_module_scoped_fixtures(inner: Inner) -> None:
+    marker = 'pytestmark = pytest.mark.pgleakguard(allow="legacy module")'
+    inner.write("test_marked", FIXTURE_AND_MARKER.replace("{module_marker}", marker))
+    result = inner.run()
+    result.assert_outcomes(passed=2)
+    allowed = {str(leak["owner"]): leak["allowed"] for leak in inner.leaks()}
+    assert allowed == {
+        "test test_marked.py::test_last": "this test keeps one",  # the closest marker
+        "fixture 'shared' (module scope)": "legacy module",
+    }
+
+
+BEFORE = """
+import os
+
+import psycopg
+
+from conftest import DSN, KEPT
+
+if os.environ.get("INSTALL_FIRST"):
+    import pgleakguard
+
+    pgleakguard.install(service="suite")  # the suite's own installation, used by the plugin
+
+KEPT.append(psycopg.connect(DSN))  # leak: import
+
+
+def test_tracked_before():
+    import pgleakguard
+
+    # The import-time connection is tracked (so it could be blamed): it is not.
+    [before] = pgleakguard.open_checkouts()
+    assert before.callsite.function == "<module>"
+
+
+def test_first(dsn):
+    KEPT.append(psycopg.connect(dsn))  # leak: first
+
+
+def test_second(dsn):
+    with psycopg.connect(dsn) as conn:
+        conn.execute("SELECT 1")
+"""
+
+
+@pytest.mark.parametrize(
+    "how", ["suite installs first", "plugin installs at the import, new process"]
+)
+def test_connections_that_existed_before_a_test_are_never_blamed_on_it(
+    inner: Inner, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    if how == "suite installs first":
+        monkeypatch.setenv("INSTALL_FIRST", "1")
+    path = inner.write("test_before", BEFORE)
+    result = inner.run(subprocess=how.endswith("new process"))
+    result.assert_outcomes(passed=3, errors=1)
     [leak] = inner.leaks()
     assert leak["test"] == "test_before.py::test_first"
     assert leak["kind"] == "scope_ended"  # still held, in KEPT
     assert leak["callsite"] == site(path, "first", "test_first")
+    # The suite's installation is the one used; else the plugin's names the service pytest.
+    assert leak["event"]["service"] == ("suite" if how.startswith("suite") else "pytest")
 
 
 CYCLE = """
@@ -473,6 +824,68 @@ def test_a_thread_that_ends_holding_a_connection_is_owner_exited(inner: Inner) -
     assert leak["event"]["holder"] == "job-1"
 
 
+LAZY_IN_BODY = """
+from conftest import KEPT
+
+
+def test_first(dsn):
+    import psycopg  # the session's first import of a hooked library
+
+    KEPT.append(psycopg.connect(dsn))  # leak: lazy
+
+
+def test_second(dsn):
+    import psycopg
+
+    with psycopg.connect(dsn) as conn:
+        conn.execute("SELECT 1")
+"""
+
+LAZY_IN_FIXTURE = """
+import pytest
+
+from conftest import DSN, KEPT
+
+
+@pytest.fixture(scope="module")
+def engine():
+    import sqlalchemy as sa  # the session's first import of a hooked library
+
+    engine = sa.create_engine(DSN.replace("postgresql://", "postgresql+psycopg://", 1))
+    KEPT.append(engine.connect())  # leak: lazy
+    yield engine
+
+
+def test_first(engine):
+    pass
+
+
+def test_second(dsn):
+    pass
+"""
+
+
+@pytest.mark.parametrize(
+    ("source", "owner", "test", "function"),
+    [
+        (LAZY_IN_BODY, "test test_lazy.py::test_first", "test_first", "test_first"),
+        (LAZY_IN_FIXTURE, "fixture 'engine' (module scope)", "test_second", "engine"),
+    ],
+    ids=["test body", "module fixture"],
+)
+def test_a_library_first_imported_inside_a_test_is_hooked_from_that_line(
+    inner: Inner, source: str, owner: str, test: str, function: str
+) -> None:
+    path = inner.write("test_lazy", source)
+    result = inner.run(subprocess=True)  # a new process: nothing imported yet
+    result.assert_outcomes(passed=2, errors=1)
+    [leak] = inner.leaks()
+    assert leak["owner"] == owner
+    assert leak["test"] == f"test_lazy.py::{test}"
+    assert leak["kind"] == "scope_ended"
+    assert leak["callsite"] == site(path, "lazy", function)
+
+
 # -- modes, exemptions, switches -------------------------------------------------------------
 
 
@@ -505,6 +918,57 @@ def test_a_bad_ini_mode_is_one_clear_usage_error(inner: Inner) -> None:
     result = inner.run()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*pgleakguard_mode = 'strict'*expected fail, warn or off*"])
+
+
+def test_a_bad_mode_given_with_dash_o_is_a_usage_error_naming_where(inner: Inner) -> None:
+    inner.write("test_leaks", LEAKS)
+    result = inner.run("-o", "pgleakguard_mode=strict")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [
+            f"ERROR: pgleakguard: pgleakguard_mode = 'strict' (from {inner.pytester.path}"
+            f"{os.sep}tox.ini or -o): expected fail, warn or off"
+        ]
+    )
+
+
+@pytest.mark.parametrize(("given", "errors"), [("FAIL", 7), ("Warn", 0), ("OFF", 0)])
+def test_the_mode_option_ignores_case_like_the_ini_value(
+    inner: Inner, given: str, errors: int
+) -> None:
+    inner.write("test_leaks", LEAKS)
+    inner.run(f"--pgleakguard={given}").assert_outcomes(passed=7, errors=errors)
+
+
+def test_integrations_chosen_in_the_environment_are_installed_and_shown(
+    inner: Inner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PGLEAKGUARD_INTEGRATIONS", "psycopg")
+    path = inner.write("test_leaks", LEAKS)
+    result = inner.run()
+    result.stdout.fnmatch_lines(
+        ["pgleakguard: mode fail, gc on, integrations psycopg ($PGLEAKGUARD_INTEGRATIONS)"]
+    )
+    # Only the raw psycopg connections are hooked: the user chose.
+    result.assert_outcomes(passed=7, errors=2)
+    leaks = {leak["test"].split("::")[1]: leak for leak in inner.leaks()}
+    assert sorted(leaks) == ["test_async_raw", "test_raw"]
+    assert leaks["test_raw"]["callsite"] == site(path, "raw", "test_raw")
+
+
+def test_a_bad_pgleakguard_variable_is_one_clear_usage_error(
+    inner: Inner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PGLEAKGUARD_INTEGRATIONS", "psycopg,mysql")
+    inner.write("test_leaks", LEAKS)
+    result = inner.run()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [
+            "ERROR: pgleakguard: invalid integrations='psycopg,mysql' "
+            "(from $PGLEAKGUARD_INTEGRATIONS): expected*psycopg, psycopg_pool, sqlalchemy, django"
+        ]
+    )
 
 
 @pytest.mark.parametrize("switch", [("-p", "no:pgleakguard"), ("--pgleakguard=off",)])
@@ -649,36 +1113,41 @@ def test_an_async_task_ending_with_its_connection_is_reported(inner: Inner) -> N
     assert leak["event"]["holder"] == "job-task"
 
 
+SPREAD = """
+import psycopg
+import pytest
+
+from conftest import KEPT
+
+
+@pytest.mark.parametrize("n", range(3))
+def test_clean(dsn, n):
+    with psycopg.connect(dsn) as conn:
+        conn.execute("SELECT 1")
+
+
+def test_leaky(dsn):
+    KEPT.append(psycopg.connect(dsn))  # leak: spread
+"""
+
+
 def test_xdist_workers_check_independently_and_the_summary_adds_up(inner: Inner) -> None:
-    path = inner.write(
-        "test_spread",
-        """
-        import psycopg
-        import pytest
-
-        from conftest import KEPT
-
-
-        @pytest.mark.parametrize("n", range(6))
-        def test_clean(dsn, n):
-            with psycopg.connect(dsn) as conn:
-                conn.execute("SELECT 1")
-
-
-        @pytest.mark.parametrize("n", range(3))
-        def test_leaky(dsn, n):
-            KEPT.append(psycopg.connect(dsn))  # leak: spread
-        """,
-    )
-    result = inner.run("-n", "2", subprocess=True)
-    result.assert_outcomes(passed=9, errors=3)
-    leaks = inner.leaks()
-    assert sorted(leak["test"] for leak in leaks) == [
-        f"test_spread.py::test_leaky[{n}]" for n in range(3)
+    paths = [inner.write(name, SPREAD) for name in ("test_one", "test_two")]
+    # loadfile: each file runs whole on one worker; two files, two workers, one file each.
+    result = inner.run("-n", "2", "--dist=loadfile", subprocess=True)
+    result.assert_outcomes(passed=8, errors=2)
+    leaks = sorted(inner.leaks(), key=lambda leak: str(leak["test"]))
+    assert [leak["test"] for leak in leaks] == [
+        "test_one.py::test_leaky",
+        "test_two.py::test_leaky",
     ]
-    assert {leak["callsite"] for leak in leaks} == {site(path, "spread", "test_leaky")}
+    for leak, path in zip(leaks, paths):
+        assert leak["callsite"] == site(path, "spread", "test_leaky")
+    # Found by two different processes: each worker tags its connections with its pid.
+    pids = {leak["event"]["application_name"].rsplit("/pid:", 1)[1] for leak in leaks}
+    assert len(pids) == 2
     result.stdout.fnmatch_lines(
-        ["*= pgleakguard =*", "3 test(s) leaked 3 PostgreSQL connection(s):"]
+        ["*= pgleakguard =*", "2 test(s) leaked 2 PostgreSQL connection(s):"]
     )
 
 
@@ -849,6 +1318,172 @@ def test_server_check_with_a_wrong_dsn_names_it_without_the_password(inner: Inne
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*cannot connect to postgresql://bob@127.0.0.1:1/nowhere*"])
     assert "s3cret-sentinel" not in result.stdout.str() + result.stderr.str()
+
+
+# -- the JSON report, reported once, other databases, the README's demo ---------------------
+
+
+def test_the_report_goes_into_a_folder_that_does_not_exist_yet(inner: Inner) -> None:
+    inner.write("test_leaks", LEAKS)
+    result = inner.inline("-p", "no:cacheprovider", "--pgleakguard-report=reports/ci/leaks.json")
+    result.assert_outcomes(passed=7, errors=7)
+    document = json.loads((inner.pytester.path / "reports/ci/leaks.json").read_text())
+    assert (document["tests_leaking"], document["fixtures_leaking"]) == (7, 0)
+    assert len(document["leaks"]) == 7
+
+
+@pytest.mark.parametrize(("mode", "status"), [("fail", 1), ("warn", 0)])
+def test_a_report_that_cannot_be_written_is_one_line_after_the_normal_summary(
+    inner: Inner, mode: str, status: int
+) -> None:
+    inner.write("test_leaks", LEAKS)
+    folder = inner.pytester.mkdir("taken")  # a folder where the file should be
+    result = inner.inline(
+        "-p", "no:cacheprovider", f"--pgleakguard={mode}", f"--pgleakguard-report={folder}"
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*= pgleakguard =*",
+            "7 test(s) leaked 7 PostgreSQL connection(s):",
+            f"pgleakguard: cannot write --pgleakguard-report={folder}: Is a directory",
+            "*7 passed*",
+        ]
+    )
+    assert result.ret == status  # the tests' outcome, as without the report
+    assert "Traceback" not in result.stdout.str() + result.stderr.str()
+
+
+ONCE = """
+import gc
+import json
+import os
+import time
+
+import psycopg
+
+import pgleakguard
+from conftest import KEPT
+
+if os.environ.get("ONCE_ON_LEAK"):
+
+    def on_leak(event):
+        with open(os.environ["ONCE_ON_LEAK"], "a") as fh:
+            fh.write(json.dumps(event.as_dict(), default=str) + "\\n")
+
+    pgleakguard.install(leak_threshold=1, on_leak=on_leak)  # the suite's own callback
+
+
+def test_keeps(dsn):
+    KEPT.append(psycopg.connect(dsn))  # leak: kept
+
+
+def test_held_past_the_threshold_then_collected():
+    # The watchdog scans past the kept connection's leak_threshold, then it is collected:
+    # neither would be a new leak.
+    deadline = time.monotonic() + 30
+    while not any(c.age > 1.0 for c in pgleakguard.open_checkouts()):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    scans = pgleakguard.stats()["watchdog_scans"]
+    while pgleakguard.stats()["watchdog_scans"] < scans + 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    KEPT.clear()
+    gc.collect()
+    pgleakguard.check()  # delivers what the collection found
+"""
+
+
+@pytest.mark.parametrize(
+    "sink", ["JSON lines of the plugin's installation", "on_leak of the suite's install()"]
+)
+def test_a_leak_the_plugin_reported_is_not_reported_again_by_pgleakguard(
+    inner: Inner, monkeypatch: pytest.MonkeyPatch, sink: str
+) -> None:
+    events = inner.pytester.path / "events.jsonl"
+    if sink.startswith("JSON"):
+        monkeypatch.setenv("PGLEAKGUARD_JSONL_PATH", str(events))
+        monkeypatch.setenv("PGLEAKGUARD_LEAK_THRESHOLD", "1")
+    else:
+        monkeypatch.setenv("ONCE_ON_LEAK", str(events))
+    path = inner.write("test_once", ONCE)
+    result = inner.run(subprocess=True)
+    result.assert_outcomes(passed=2, errors=1)
+    [leak] = inner.leaks()
+    assert leak["callsite"] == site(path, "kept", "test_keeps")
+    # The sink had that leak once: no held_too_long from the watchdog, no garbage_collected
+    # at the collection.
+    delivered = [json.loads(line) for line in events.read_text().splitlines()]
+    checkout = leak["event"]["checkout_id"]
+    kinds = [e["kind"] for e in delivered if e["checkout_id"] == checkout and "kind" in e]
+    assert kinds == ["scope_ended"]
+    # Nothing is logged after pytest's last line (the log's last resort is stderr).
+    out = result.stdout.str() + result.stderr.str()
+    assert out.count("pgleakguard: connection leak [") == 1  # the teardown error
+    assert "connection leak" not in out.split("1 error in")[1]
+
+
+SQLITE = """
+import gc
+
+import sqlalchemy as sa
+
+from conftest import KEPT
+
+
+def test_connect_and_query():
+    engine = sa.create_engine("sqlite://")
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT 1")).scalar_one() == 1
+
+
+def test_a_dropped_connection():
+    conn = sa.create_engine("sqlite://").connect()
+    conn.execute(sa.text("SELECT 1"))
+    del conn
+    gc.collect()
+
+
+def test_a_kept_connection():
+    KEPT.append(sa.create_engine("sqlite://").connect())
+"""
+
+
+def test_a_suite_on_another_database_passes_and_reports_nothing(inner: Inner) -> None:
+    inner.write("test_sqlite", SQLITE)
+    result = inner.run()
+    result.assert_outcomes(passed=3)
+    assert inner.leaks() == []
+    assert "= pgleakguard =" not in result.stdout.str()
+
+
+def test_the_readme_demo_command_fails_the_example_test_at_the_helpers_line() -> None:
+    root = Path(__file__).parent.parent
+    orders = root / "examples" / "pytest_suite" / "orders.py"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PGLEAKGUARD_", "PYTEST_"))}
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "pgleakguard"),
+            "demo",
+            "examples/pytest_suite/run_tests.py",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    out = proc.stdout
+    assert proc.returncode == 1, out + proc.stderr  # a test errored
+    lines = orders.read_text().splitlines()
+    line = next(n for n, text in enumerate(lines, 1) if "conn = engine.connect()" in text)
+    assert "pgleakguard demo: throwaway PostgreSQL started" in out
+    assert f"pgleakguard: leaked at orders.py:{line} in export_report (garbage_collected)" in out
+    assert f"checked out at {orders}:{line} in export_report" in out
+    assert "service=pytest integration=sqlalchemy" in out
+    assert f"  test_orders.py::test_export_report: garbage_collected at orders.py:{line}" in out
+    assert "2 passed, 1 error" in out
+    assert "Traceback" not in out + proc.stderr
 
 
 # -- costs nothing when there is nothing to do ------------------------------------------------

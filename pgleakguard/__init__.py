@@ -3,8 +3,10 @@
 import pgleakguard
 pgleakguard.install(service="billing")
 
-The names below are imported on first use, so that importing the package (as pytest does
-for the plugin, in every test run) costs next to nothing.
+The names below, and the public submodules ``pgleakguard.tagging`` (build and read the
+application_name and SQL-comment tags) and ``pgleakguard.testing`` (``assert_no_leaks()``),
+are imported on first use, so that importing the package (as pytest does for the plugin, in
+every test run) costs next to nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 
 if TYPE_CHECKING:
+    from . import tagging as tagging  # submodules, resolved lazily below
+    from . import testing as testing
     from ._runtime import check, install, instrument_engine, open_checkouts, stats, uninstall
     from .callsite import CallSite
     from .config import Config
@@ -46,6 +50,10 @@ _HOMES = {
 }
 _HOME = {name: module for module, names in _HOMES.items() for name in names.split()}
 
+# Submodules the documentation tells users to reach as ``pgleakguard.<name>`` after a plain
+# ``import pgleakguard``.
+_SUBMODULES = frozenset({"tagging", "testing"})
+
 __all__ = [
     "GARBAGE_COLLECTED",
     "HELD_TOO_LONG",
@@ -75,6 +83,9 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        # Importing a submodule binds it as an attribute of the package.
+        return importlib.import_module(f"{__name__}.{name}")
     home = _HOME.get(name)
     if home is None:
         raise AttributeError(f"module 'pgleakguard' has no attribute {name!r}")
@@ -84,4 +95,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    return sorted({*globals(), *__all__, *_SUBMODULES})

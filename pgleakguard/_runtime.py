@@ -200,8 +200,10 @@ def enable_integrations(names: tuple[str, ...]) -> list[str]:
 
 
 def instrument_engine(engine: Any) -> None:
-    """Track one SQLAlchemy Engine or AsyncEngine created before install() or with the
-    sqlalchemy integration not enabled. Idempotent; undone by uninstall()."""
+    """Track one SQLAlchemy Engine or AsyncEngine when the sqlalchemy integration is not
+    enabled (``install(integrations=[...])`` without it). With it enabled, ``install()``
+    already tracks every PostgreSQL engine, existing or future, and this adds nothing.
+    Idempotent; undone by uninstall()."""
     from .integrations.sqlalchemy import SQLAlchemyIntegration
 
     with _lock:

@@ -78,9 +78,14 @@ def forget_logged() -> None:
 
 
 def reset_after_fork() -> None:
-    """In a forked child: a new lock (another thread may have held the parent's at fork)."""
-    global _lock
+    """In a forked child: a new lock (another thread may have held the parent's at fork),
+    and counters and log-once memory of its own (the parent's errors are not the child's)."""
+    global _lock, _count, _operational, _last_error, _last_report
     _lock = threading.Lock()
+    _count = _operational = 0
+    _last_error = _last_report = None
+    _logged.clear()
+    _operational_logged.clear()
 
 
 def is_operational(exc: BaseException) -> bool:

@@ -13,16 +13,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .config import Config, convert
+from ._version import __version__
+from .config import KNOWN_INTEGRATIONS, Config, convert
 
-# Options of `run` that map onto install() options (and so onto PGLEAKGUARD_* variables).
+# Options of `run` that map onto install() options (and so onto PGLEAKGUARD_* variables):
+# (name, metavar, help).
 _RUN_OPTIONS = (
-    ("service", "service name for reports and application_name"),
-    ("leak_threshold", "seconds before a held connection is reported (default 30)"),
-    ("idle_in_transaction_threshold", "seconds a transaction may idle (default 10)"),
-    ("integrations", 'comma-separated integrations, or "auto"'),
-    ("jsonl_path", "also append every event as JSON to this file"),
-    ("log_level", "level of the leak reports on the pgleakguard logger"),
+    ("service", "NAME", "service name for reports and application_name (default: the program)"),
+    ("leak_threshold", "SECONDS", "seconds before a held connection is reported (default 30)"),
+    ("idle_in_transaction_threshold", "SECONDS", "seconds a transaction may idle (default 10)"),
+    (
+        "integrations",
+        "NAMES",
+        '"auto" (default: every one installed), or comma-separated names from '
+        + ", ".join(KNOWN_INTEGRATIONS),
+    ),
+    ("jsonl_path", "FILE", "also append every event as one JSON line to this file"),
+    (
+        "log_level",
+        "LEVEL",
+        "level of the leak reports on the pgleakguard logger: DEBUG, INFO, WARNING (default), "
+        "ERROR, CRITICAL, or a number from 1 to 100",
+    ),
 )
 
 
@@ -81,6 +93,10 @@ def _timestamp(text: str) -> float:
 
 _DSN_HELP = "libpq connection string or URI (default: $PGLEAKGUARD_DSN)"
 _FORMATS = ("text", "json", "markdown")
+_FORMAT_HELP = (
+    "text (default; tables drawn with rich on a terminal), json (a stable document with "
+    '"version": 1) or markdown'
+)
 
 
 def _add_thresholds(parser: argparse.ArgumentParser) -> None:
@@ -142,7 +158,7 @@ def _server_parsers(sub: Any) -> None:
     source = diagnose.add_mutually_exclusive_group()
     source.add_argument("--dsn", help=_DSN_HELP)
     source.add_argument("--snapshot", metavar="FILE", help="an exported pg_stat_activity")
-    diagnose.add_argument("--format", choices=_FORMATS, default="text")
+    diagnose.add_argument("--format", choices=_FORMATS, default="text", help=_FORMAT_HELP)
     _add_thresholds(diagnose)
     _add_redact(diagnose)
     diagnose.add_argument(
@@ -150,15 +166,27 @@ def _server_parsers(sub: Any) -> None:
         action="store_true",
         help="include non-client backends (workers, replication)",
     )
-    snap = diagnose.add_argument_group("snapshot context (what a file cannot say)")
-    snap.add_argument("--max-connections", type=_positive, metavar="N")
+    snap = diagnose.add_argument_group(
+        "snapshot context (--snapshot only: what a file cannot say; a live server says it)"
+    )
+    snap.add_argument(
+        "--max-connections",
+        type=_positive,
+        metavar="N",
+        help="the server's max_connections (without it: no total against the usable slots)",
+    )
     snap.add_argument(
         "--reserved-connections",
         type=int,
         metavar="N",
         help="superuser_reserved_connections + reserved_connections (default 3)",
     )
-    snap.add_argument("--server-version", type=_positive, metavar="MAJOR", help="e.g. 15")
+    snap.add_argument(
+        "--server-version",
+        type=_positive,
+        metavar="MAJOR",
+        help="the server's major version, e.g. 15 (gates the fixes)",
+    )
     snap.add_argument(
         "--now",
         type=_timestamp,
@@ -184,9 +212,19 @@ def _server_parsers(sub: Any) -> None:
         help="application instances, each with its own pool (default 1)",
     )
     recommend.add_argument("--cpus", type=_positive, metavar="N", help="CPU cores of the server")
-    recommend.add_argument("--work-mem", type=_size, metavar="SIZE")
-    recommend.add_argument("--shared-buffers", type=_size, metavar="SIZE")
-    recommend.add_argument("--format", choices=_FORMATS, default="text")
+    recommend.add_argument(
+        "--work-mem",
+        type=_size,
+        metavar="SIZE",
+        help="work_mem to plan with, e.g. 16MB (default: the server's, else 4MB)",
+    )
+    recommend.add_argument(
+        "--shared-buffers",
+        type=_size,
+        metavar="SIZE",
+        help="shared_buffers to plan with, e.g. 4GB (default: the server's, else 25%% of --ram)",
+    )
+    recommend.add_argument("--format", choices=_FORMATS, default="text", help=_FORMAT_HELP)
     _add_pgbouncer(recommend)
 
     terminate = sub.add_parser(
@@ -210,19 +248,29 @@ def _server_parsers(sub: Any) -> None:
         action="append",
         choices=sorted(_STATE_CHOICES),
         metavar="STATE",
-        help="idle, idle-in-transaction, aborted, active (repeatable; default: the idle ones)",
+        help="one of " + ", ".join(_STATE_CHOICES) + " (aborted is idle-in-transaction-aborted; "
+        "repeatable; default: idle, idle-in-transaction and aborted)",
     )
-    terminate.add_argument("--user", metavar="ROLE")
+    terminate.add_argument("--user", metavar="ROLE", help="only sessions of this role")
     terminate.add_argument(
         "--application",
         metavar="NAME",
         help="application_name, or a service name from pgleakguard tags",
     )
-    terminate.add_argument("--database", metavar="DB")
-    terminate.add_argument("--include-superusers", action="store_true")
+    terminate.add_argument("--database", metavar="DB", help="only sessions of this database")
+    terminate.add_argument(
+        "--include-superusers",
+        action="store_true",
+        help="also end superusers' sessions (spared by default)",
+    )
     terminate.add_argument("--execute", action="store_true", help="really end them")
     terminate.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    terminate.add_argument("--format", choices=("text", "json"), default="text")
+    terminate.add_argument(
+        "--format",
+        choices=("text", "json"),
+        default="text",
+        help='text (default) or json (a document with "version": 1)',
+    )
     _add_redact(terminate)
 
     watch = sub.add_parser(
@@ -270,16 +318,19 @@ def _parser() -> argparse.ArgumentParser:
         prog="pgleakguard",
         description="Find PostgreSQL connection leaks and name the line of code behind them.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = sub.add_parser(
         "run",
         help="run a Python program with pgleakguard installed (no code change)",
-        description="Run COMMAND with pgleakguard installed in every Python process it starts. "
-        "Options may also be given as PGLEAKGUARD_<OPTION> environment variables.",
+        description="Run COMMAND with pgleakguard installed in every Python process it starts "
+        "that can import pgleakguard (the same environment: the processes of another "
+        "virtualenv or interpreter are not tracked). Options may also be given as "
+        "PGLEAKGUARD_<OPTION> environment variables.",
     )
-    for name, text in _RUN_OPTIONS:
-        run.add_argument("--" + name.replace("_", "-"), dest=name, help=text)
+    for name, metavar, text in _RUN_OPTIONS:
+        run.add_argument("--" + name.replace("_", "-"), dest=name, metavar=metavar, help=text)
     run.add_argument("program", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
 
     demo = sub.add_parser(
@@ -301,6 +352,27 @@ def _fail(message: str) -> int:
     return 2
 
 
+#: diagnose's options that describe a snapshot (dest -> option): a live server says them itself.
+_SNAPSHOT_ONLY = {
+    "max_connections": "--max-connections",
+    "reserved_connections": "--reserved-connections",
+    "server_version": "--server-version",
+    "now": "--now",
+}
+
+
+def _warn_snapshot_only(options: argparse.Namespace) -> None:
+    """One warning line when snapshot-only options come without --snapshot (they would be
+    silently ignored otherwise)."""
+    given = [flag for dest, flag in _SNAPSHOT_ONLY.items() if getattr(options, dest) is not None]
+    if given and not options.snapshot:
+        print(
+            f"pgleakguard diagnose: warning: {', '.join(given)} only apply to --snapshot "
+            "(a live server says them itself); ignored",
+            file=sys.stderr,
+        )
+
+
 def run_command(options: argparse.Namespace) -> int:
     program = list(options.program)
     if program and program[0] == "--":
@@ -310,7 +382,7 @@ def run_command(options: argparse.Namespace) -> int:
     env = dict(os.environ)
     # A bad option is reported here, before the program starts, naming what the user typed.
     try:
-        for name, _ in _RUN_OPTIONS:
+        for name, _, _ in _RUN_OPTIONS:
             value = getattr(options, name)
             if value is not None:
                 convert(name, value, source="--" + name.replace("_", "-"))
@@ -359,6 +431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_command(options)
     if options.command == "demo":
         return demo_command(options)
+    if options.command == "diagnose":
+        _warn_snapshot_only(options)
     import importlib
 
     from .diagnose.commands import run

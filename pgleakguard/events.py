@@ -158,6 +158,11 @@ class ReturnedEvent:
 
 
 Event = Union[LeakEvent, ReturnedEvent]
+# A Union takes a docstring of its own, so help(pgleakguard.Event) says what it is.
+Event.__doc__ = """What pgleakguard delivers to ``on_leak`` and its sinks: a :class:`LeakEvent`
+(a connection leaked, or is suspected to) or a :class:`ReturnedEvent` (a reported checkout was
+finally returned). Tell them apart with ``isinstance``; both have ``as_dict()`` and
+``render()``."""
 
 
 def _detail(key: str, value: Any) -> str:

@@ -154,11 +154,15 @@ class Delivery:
         return delivered
 
     def reset_after_fork(self) -> None:
-        """In a forked child the thread is gone and the queue is the parent's."""
+        """In a forked child the thread is gone and the queue is the parent's; the child
+        counts (and warns about) its own drops."""
         self._queue.clear()
         self._busy = 0
         self._cond = threading.Condition()
         self._thread = None
+        self._stop = self._abandoned = False
+        self.dropped = 0
+        self._warned = False
 
 
 def sinks_for(config: Config) -> list[Sink]:

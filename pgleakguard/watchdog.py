@@ -58,10 +58,13 @@ class Watchdog:
         self._thread = None
 
     def reset_after_fork(self) -> None:
-        """In a forked child the thread is gone: forget it so the next checkout restarts it."""
+        """In a forked child the thread is gone: forget it so the next checkout restarts it.
+        The child counts its own scans, and the parent's orphans are not its own."""
         self._thread = None
         self._stop = threading.Event()
         self._start_lock = threading.Lock()
+        self.scans = 0
+        self._orphaned = {}
 
     def _run(self) -> None:
         stop = self._stop

@@ -452,7 +452,7 @@ def test_bad_options_are_one_line_and_exit_2() -> None:
     proc = cli("diagnose")
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [
-        "pgleakguard: error: give --dsn DSN (or set $PGLEAKGUARD_DSN)"
+        "pgleakguard: error: give --dsn DSN or --snapshot FILE (or set $PGLEAKGUARD_DSN)"
     ]
 
 

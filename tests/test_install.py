@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import subprocess
 import sys
 from typing import Any, Callable
 
@@ -150,6 +151,30 @@ def test_public_api_names_resolve_on_first_use() -> None:
         assert getattr(api, name) is not None
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         api.nope  # noqa: B018
+    # help(pgleakguard.Event) explains the Union rather than showing typing's own text
+    assert (api.Event.__doc__ or "").startswith("What pgleakguard delivers to ``on_leak``")
+
+
+def test_the_documented_submodules_work_after_a_plain_import_pgleakguard() -> None:
+    # a fresh interpreter: in this one the suite has imported them already
+    code = (
+        "import sys, pgleakguard; "
+        "print(sorted(m for m in ('pgleakguard.tagging', 'pgleakguard.testing') "
+        "if m in sys.modules)); "
+        "print(pgleakguard.tagging.parse('billing/pid:4123')); "
+        "print(pgleakguard.testing.assert_no_leaks.__module__); "
+        "print('tagging' in dir(pgleakguard), 'testing' in dir(pgleakguard)); "
+        "from pgleakguard.testing import LeakError; print(LeakError.__name__)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert proc.stdout.splitlines() == [
+        "[]",  # not imported until used
+        "Tag(service='billing', pid=4123, file=None, line=None)",
+        "pgleakguard.testing",
+        "True True",
+        "LeakError",
+    ]
 
 
 def test_uninstall_leaves_a_wrapper_installed_on_top_of_ours(

@@ -17,7 +17,7 @@ import psycopg_pool
 import pytest
 
 import pgleakguard
-from pgleakguard import _runtime, _safety
+from pgleakguard import _runtime, _safety, sinks
 
 from conftest import EventLog, marked_line
 
@@ -67,11 +67,14 @@ def test_forked_child_tracks_its_own_connections_not_the_parents(
     parent_conn.close()
 
 
+@pytest.mark.allow_internal_errors  # one is injected, so the parent has one to count
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
 def test_forked_child_starts_with_its_own_counters_and_free_locks(
-    pg_dsn: str, install: Callable[..., EventLog]
+    pg_dsn: str, install: Callable[..., EventLog], tmp_path: Path
 ) -> None:
-    events = install(leak_threshold=0.1, max_open_checkouts=2)
+    # an unwritable jsonl_path: every event is an operational error of the parent
+    unwritable = tmp_path / "no" / "such" / "dir.jsonl"
+    events = install(leak_threshold=0.1, max_open_checkouts=2, jsonl_path=str(unwritable))
     with psycopg_pool.ConnectionPool(pg_dsn, min_size=1, max_size=4, name="forky") as pool:
         held = [pool.getconn(), pool.getconn()]
         events.wait_for("held_too_long", count=2)
@@ -86,9 +89,17 @@ def test_forked_child_starts_with_its_own_counters_and_free_locks(
         events.wait_for("garbage_collected")
         state = _runtime.current()
         assert state is not None and len(state.tracker.collected) == 1
+        with _safety.guard():  # an internal error, swallowed and counted
+            raise RuntimeError("injected")
+        state.delivery._limit = 0  # one event dropped: the sinks' queue is "full"
+        state.delivery.put(events.leaks()[0])
+        state.delivery._limit = sinks.QUEUE_LIMIT
+        pgleakguard.check()  # the jsonl sink has failed on every event by now
         parent = pgleakguard.stats()
         assert parent["leaks"] == {"held_too_long": 2, "garbage_collected": 1}
         assert parent["untracked_checkouts"] == 1
+        assert parent["internal_errors"] >= 1 and parent["dropped_events"] == 1
+        assert parent["operational_errors"] >= 3 and parent["watchdog_scans"] >= 1
 
         # Another thread holds pgleakguard's locks at the moment of the fork.
         holding, release = threading.Event(), threading.Event()
@@ -117,8 +128,7 @@ def test_forked_child_starts_with_its_own_counters_and_free_locks(
             worker.start()
             worker.join(10)
             return {
-                "leaks": stats["leaks"],
-                "untracked": stats["untracked_checkouts"],
+                "stats": stats,
                 "collected": len(current.tracker.collected),
                 "finished": finished,
             }
@@ -128,8 +138,25 @@ def test_forked_child_starts_with_its_own_counters_and_free_locks(
         finally:
             release.set()
             thread.join()
-        assert result == {"leaks": {}, "untracked": 0, "collected": 0, "finished": [True]}
-        assert pgleakguard.stats()["leaks"] == parent["leaks"]  # the parent's are untouched
+        # every counter of stats() starts at zero in the child
+        assert result == {
+            "stats": {
+                "installed": True,
+                "internal_errors": 0,
+                "operational_errors": 0,
+                "open_checkouts": 0,
+                "leaks": {},
+                "watchdog_scans": 0,
+                "untracked_checkouts": 0,
+                "dropped_events": 0,
+            },
+            "collected": 0,
+            "finished": [True],
+        }
+        after = pgleakguard.stats()  # the parent's are untouched
+        assert after["leaks"] == parent["leaks"]
+        assert after["internal_errors"] == parent["internal_errors"]
+        assert after["dropped_events"] == parent["dropped_events"]
         pool.putconn(held.pop())
         untracked.close()
 
@@ -218,6 +245,23 @@ def test_run_still_runs_the_programs_own_sitecustomize(tmp_path: Path) -> None:
     # The first line is the `pgleakguard run` process's own start-up (nothing installed).
     assert (proc.returncode, proc.stderr) == (0, "")
     assert proc.stdout.splitlines() == ["own: False", "own: True", "installed: True"]
+
+
+def test_run_leaves_a_python_of_another_virtualenv_untracked_with_one_line(
+    tmp_path: Path,
+) -> None:
+    # a virtualenv without pgleakguard: its Python finds our sitecustomize but not the package
+    venv = tmp_path / "other-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    other = venv / "bin" / "python"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgleakguard.cli", "run", "--", str(other), "-c", "print('ran')"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (proc.returncode, proc.stdout) == (0, "ran\n")
+    assert proc.stderr == "pgleakguard run: not installed: No module named 'pgleakguard'\n"
 
 
 def test_run_rejects_a_bad_option_before_starting_the_program(tmp_path: Path) -> None:

@@ -65,7 +65,9 @@ def dsn_of(options: argparse.Namespace, required: bool = True) -> str | None:
     """``--dsn``, else ``$PGLEAKGUARD_DSN``."""
     dsn = getattr(options, "dsn", None) or os.environ.get(DSN_ENV)
     if not dsn and required:
-        raise CommandError(f"give --dsn DSN (or set ${DSN_ENV})")
+        # diagnose can also read a file instead of a server: say so where it applies.
+        snapshot = " or --snapshot FILE" if hasattr(options, "snapshot") else ""
+        raise CommandError(f"give --dsn DSN{snapshot} (or set ${DSN_ENV})")
     return dsn or None
 
 

@@ -60,12 +60,15 @@ def recommend_command(options: argparse.Namespace) -> int:
 
 def _recommend_blocks(rec: recommend.Recommendation, source: str, ini: str) -> list[Block]:
     rows = [[s.name, s.formula, s.value] for s in rec.steps]
-    from_server = ", ".join(rec.from_server) or "none (PostgreSQL defaults)"
+    if source == "defaults":
+        settings = "PostgreSQL defaults (no --dsn given)"
+    else:
+        settings = f"read from {source}: {', '.join(rec.from_server) or 'none'}"
     conf = "\n".join(f"{k} = {v}" for k, v in rec.conf.items())
     return [
         Text(
             f"pgleakguard recommend: {format_size(rec.ram)} of RAM, {rec.instances} application "
-            f"instance(s); settings from {source} (read: {from_server})"
+            f"instance(s); settings: {settings}"
         ),
         Heading("Arithmetic"),
         Table(["step", "how", "value"], rows, frozenset({2})),

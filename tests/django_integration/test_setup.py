@@ -269,11 +269,10 @@ def test_manage_py_diagnose_takes_djangos_options_anywhere_and_names_the_service
         close_from_here(kept[0])
     captured = capsys.readouterr()
     assert "s3cret-pw-77" not in captured.out + captured.err
-    command_line, _, report = captured.out.partition("\n")
-    document = json.loads(report)
+    document = json.loads(captured.out)  # stdout is the JSON document alone
     dsn = document["source"]["name"]
-    # what ran, with only diagnose's own options passed on
-    assert command_line == f"pgleakguard diagnose --dsn {dsn!r} {forwarded}"
+    # what ran (on stderr), with only diagnose's own options passed on
+    assert captured.err == f"pgleakguard diagnose --dsn {dsn!r} {forwarded}\n"
     assert f"passfile='{passfile}'" in dsn and "sslmode='disable'" in dsn
     assert f"dbname='{connections[alias].settings_dict['NAME']}'" in dsn
     # the poller's idle session (a suspect at --idle-threshold 0s), named from its tag
@@ -310,10 +309,21 @@ def test_example_projects_manage_py_diagnose_with_djangos_options_after_diagnose
         text=True,
         timeout=120,
     )
-    assert (proc.returncode, proc.stderr) == (0, "")
-    command_line, _, report = proc.stdout.partition("\n")
+    assert proc.returncode == 0, proc.stderr
+    [command_line] = proc.stderr.splitlines()  # what ran, on stderr
+    assert command_line.startswith("pgleakguard diagnose --dsn ")
     assert command_line.rsplit('" ', 1)[1] == "--format json"  # -v 2, --no-color: Django's
-    assert json.loads(report)["version"] == 1
+    assert json.loads(proc.stdout)["version"] == 1  # stdout parses as JSON
+
+
+@pytest.mark.django_db(transaction=True)
+def test_manage_py_diagnose_at_verbosity_0_prints_only_the_json_document(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    manage_py("pgleakguard", "diagnose", "--format", "json", "-v", "0")
+    captured = capsys.readouterr()
+    assert captured.err == ""  # not even the command line
+    assert json.loads(captured.out)["source"]["kind"] == "dsn"
 
 
 def test_a_bad_diagnose_option_is_a_command_error_not_an_exit(
@@ -359,11 +369,13 @@ def test_diagnose_passes_the_password_through_the_environment_only(
     # trust authentication on the test server: any password connects, none may be shown
     monkeypatch.setitem(connection.settings_dict, "PASSWORD", "s3cret-pw-77")
     monkeypatch.delenv("PGPASSWORD", raising=False)
-    out = io.StringIO()
-    call_command("pgleakguard", "diagnose", "--format", "json", stdout=out)
+    out, err = io.StringIO(), io.StringIO()
+    call_command("pgleakguard", "diagnose", "--format", "json", stdout=out, stderr=err)
     text = out.getvalue()
     captured = capfd.readouterr()
-    assert '"version": 1' in text  # the real diagnosis ran, in JSON
+    assert json.loads(text)["version"] == 1  # the real diagnosis ran, in JSON
+    assert err.getvalue().startswith("pgleakguard diagnose --dsn ")
+    assert "s3cret-pw-77" not in err.getvalue()
     assert "s3cret-pw-77" not in text + captured.out + captured.err
     assert "PGPASSWORD" not in os.environ  # restored after the command
 

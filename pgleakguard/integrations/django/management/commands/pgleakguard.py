@@ -114,8 +114,13 @@ class Command(BaseCommand):  # type: ignore[misc]
             raise CommandError(f"database {alias!r} is not PostgreSQL")
         dsn, password = conninfo(wrapper.get_connection_params())
         forwarded = list(options.get("diagnose_args") or ())
-        self.stdout.write(f"pgleakguard diagnose --dsn {dsn!r} {' '.join(forwarded)}".rstrip())
-        self.stdout.flush()
+        if options.get("verbosity", 1) >= 1:
+            # What runs, on stderr: stdout is diagnose's alone (``--format json`` parses).
+            self.stderr.write(
+                f"pgleakguard diagnose --dsn {dsn!r} {' '.join(forwarded)}".rstrip(),
+                style_func=str,  # not styled as an error: it is not one
+            )
+            self.stderr.flush()
         code: int | str | None
         try:
             with _pgpassword(password), redirect_stdout(self.stdout):

@@ -43,12 +43,22 @@ def exported(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             "csv": out / "activity.csv",
             "aligned": out / "activity.txt",
             "expanded": out / "activity-x.txt",
+            "expanded-toggled": out / "activity-toggled.txt",
             "json": out / "activity.json",
             "jsonl": out / "activity.jsonl",
         }
         run_psql("-c", f"\\copy (select * from pg_stat_activity) to '{files['csv']}' csv header")
         files["aligned"].write_text(run_psql("-c", "select * from pg_stat_activity"))
         files["expanded"].write_text(run_psql("-x", "-c", "select * from pg_stat_activity"))
+        # \x inside the session, without -q: psql first says "Expanded display is on."
+        toggled = subprocess.run(
+            [psql, "-X", "-d", pg_dsn, "-c", "\\x", "-c", "select * from pg_stat_activity"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert toggled.startswith("Expanded display is on.\n")
+        files["expanded-toggled"].write_text(toggled)
         with psycopg.connect(pg_dsn) as conn:
             row = conn.execute("SELECT json_agg(a) FROM pg_stat_activity AS a").fetchone()
             assert row is not None
@@ -58,7 +68,7 @@ def exported(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield {"leaker": leaker, "other": other.info.backend_pid, "files": files}
 
 
-@pytest.mark.parametrize("fmt", ["csv", "aligned", "expanded", "json", "jsonl"])
+@pytest.mark.parametrize("fmt", ["csv", "aligned", "expanded", "expanded-toggled", "json", "jsonl"])
 def test_each_export_format_gives_the_leaks_with_service_pid_and_callsite(
     fmt: str, exported: dict[str, Any]
 ) -> None:

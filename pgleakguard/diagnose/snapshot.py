@@ -28,6 +28,8 @@ from .units import to_epoch
 
 _PSQL_RULE = re.compile(r"^-+(\+-+)*$")
 _PSQL_RECORD = re.compile(r"^-\[ RECORD \d+ \]-*\+?-*$")
+# What psql says when \x switches expanded output on (without -q), before the first record.
+_PSQL_EXPANDED_ON = re.compile(r"^Expanded display is (on|used automatically)\.$")
 _PSQL_FOOTER = re.compile(r"^\((\d+) rows?\)$")
 _NOW_COLUMNS = ("now", "snapshot_time")
 _WIDE = "\0"
@@ -258,6 +260,8 @@ def _psql_expanded(lines: list[str]) -> Iterator[tuple[int, Row]]:
     for number, raw in enumerate(lines, start=1):
         text = raw.rstrip()
         if not text or _PSQL_FOOTER.match(text.strip()):
+            continue
+        if row is None and _PSQL_EXPANDED_ON.match(text.strip()):
             continue
         if _PSQL_RECORD.match(text.strip()):
             if row is not None:

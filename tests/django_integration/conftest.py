@@ -58,7 +58,11 @@ def _pools_closed_before_the_test_database_is_dropped(django_db_setup: None) -> 
 
 @pytest.fixture
 def pooled(_pools_closed_before_the_test_database_is_dropped: None) -> Iterator[Any]:
-    """The ``pooled`` alias (native pool, max_size 2, timeout 0.5 s), with a fresh pool."""
+    """The ``pooled`` alias (native pool, max_size 2, timeout 0.5 s), with a fresh pool;
+    ``None`` before Django 5.1, which has no native pool."""
+    if not settings.NATIVE_POOL:
+        yield None
+        return
     wrapper = connections["pooled"]
     wrapper.close()
     wrapper.close_pool()

@@ -31,7 +31,7 @@ from typing import Any
 
 from ... import tagging
 from ..._safety import guard, logger, record_internal_error, safe_call
-from ...callsite import AWAITING, Stack, capture
+from ...callsite import AWAITING, Stack, capture, line_of
 from ...drivers import application_name_of, backend_pid
 from ...events import SCOPE_ENDED
 from ...tracker import CHECKOUT_ATTR, Checkout
@@ -80,7 +80,13 @@ class RequestScope:
         """True if a checkout taken at ``stack`` was taken by no application code of the
         request: Django's own frames lead straight out to the server, or to nothing."""
         entry = self.entry
-        return not stack or (bool(entry) and stack[0] is entry[0] and stack[1] == entry[1])
+        if not stack:
+            return True
+        if not entry or stack[0] is not entry[0]:
+            return False
+        # The same line: a coroutine awaiting the request is seen at either instruction of
+        # its await (SEND while the request runs in it, YIELD_VALUE while suspended).
+        return stack[1] == entry[1] or line_of(stack[0], stack[1]) == line_of(entry[0], entry[1])
 
 
 _request: ContextVar[RequestScope | None] = ContextVar("pgleakguard_django_request", default=None)

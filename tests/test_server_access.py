@@ -4,6 +4,7 @@ comes with one more line saying how to get in anyway (a real server filled to th
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,15 +23,30 @@ HINT = (
 )
 
 
+def _settled_count(dsn: str) -> tuple[int, int]:
+    """max_connections and the client backends once their number stays put for half a second:
+    backends of connections closed just before (earlier tests) hold their slot until they
+    have exited."""
+    last: Any = None
+    steady = 0
+    deadline = time.monotonic() + 10
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        while steady < 5 and time.monotonic() < deadline:
+            row: Any = admin.execute(
+                "SELECT current_setting('max_connections')::int, count(*) "
+                "FROM pg_stat_activity WHERE backend_type = 'client backend'"
+            ).fetchone()
+            steady = steady + 1 if row == last else 0
+            last = row
+            time.sleep(0.1)
+    total, used = last
+    return int(total), int(used)
+
+
 @contextlib.contextmanager
 def filled(dsn: str, leave: int) -> Iterator[list[psycopg.Connection[Any]]]:
     """Superuser connections until only ``leave`` of max_connections are free."""
-    with psycopg.connect(dsn, autocommit=True) as admin:
-        row: Any = admin.execute(
-            "SELECT current_setting('max_connections')::int, count(*) FROM pg_stat_activity "
-            "WHERE backend_type = 'client backend'"
-        ).fetchone()
-    total, used = row
+    total, used = _settled_count(dsn)
     if total > 300:
         pytest.skip(f"max_connections is {total}: too many connections to open for a test")
     conns: list[psycopg.Connection[Any]] = []
@@ -44,6 +60,14 @@ def filled(dsn: str, leave: int) -> Iterator[list[psycopg.Connection[Any]]]:
                 if leave or "too many clients" not in str(exc):
                     raise
                 break
+        if not leave:  # take any slot a backend still exiting gives back
+            while len(conns) < total:
+                try:
+                    conns.append(psycopg.connect(dsn, autocommit=True))
+                except psycopg.OperationalError as exc:
+                    if "too many clients" not in str(exc):
+                        raise
+                    break
         yield conns
     finally:
         for conn in conns:

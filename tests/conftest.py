@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -19,6 +20,15 @@ from pgleakguard import _safety
 from pgleakguard.events import Event, LeakEvent, ReturnedEvent
 
 REQUIRE_ALL = os.environ.get("PGLEAKGUARD_REQUIRE_ALL") == "1"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-asyncio saves and restores "the current loop" around each async test through
+    # asyncio.get_event_loop(), which on Python < 3.12 creates a main-thread loop that nobody
+    # ever closes; the garbage collector later reports it (unclosed event loop, two sockets)
+    # inside whichever test happens to collect. Marking the main thread's loop as set (to none)
+    # stops that implicit creation; every test makes its own loop.
+    asyncio.set_event_loop(None)
 
 
 def skip_or_fail(reason: str) -> None:
